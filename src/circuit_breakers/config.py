@@ -1,0 +1,231 @@
+"""The training configuration: one flat dataclass, YAML recipes, `key=value` overrides.
+
+Defaults are the reference's settings for Llama-3-8B-Instruct (method.md section 5). Unknown keys
+are rejected with the list of valid ones; values are type-checked against the field types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used."""
+
+
+def _field(default, help: str, **kwargs):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class RRConfig:
+    # ---- model
+    model: str = _field("smollm2-135m", "hub id, local checkpoint directory, .gguf file, or smollm2-135m")
+    blocks_path: str | None = _field(None, "attribute path of the decoder blocks for unknown architectures")
+    chat_template: str | None = _field(None, "Jinja chat template for a tokenizer that has none")
+    dtype: str = _field("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
+    device: str = _field("auto", "auto, cpu, cuda, cuda:1, ...")
+    # ---- data
+    circuit_breaker_data: list[str] = _field(["builtin"], "circuit-breaker sets: builtin or file/dataset specs")
+    retain_data: list[str] = _field(["builtin"], "retain sets: builtin or file/dataset specs")
+    response_field: str | None = _field(None, "take responses from this field (e.g. llama3_output)")
+    max_length: int = _field(1024, "longest tokenised item (prompt + response)")
+    truncation: str = _field("response", "response: cut long responses at max_length; error: reject them")
+    drop_instruction_prob: float = _field(0.0, "probability of replacing a request by an empty user turn")
+    refusal_retain: bool = _field(True, "add harmful requests answered by refusals to the retain set")
+    # ---- RR
+    target_layers: list[int] = _field([10, 20], "hidden-state entries the rerouting loss acts on")
+    alpha: float = _field(10.0, "loss-coefficient scale: 10 for Llama-3-8B, 5 for Mistral-7B")
+    schedule_denominator: int | None = _field(None, "D in c_s = alpha(1 - t/D); default 2 * steps")
+    retain_normalization: str = _field("reference", "reference (scaled to 1024-token padding) or masked_mean")
+    reference_length: int = _field(1024, "padded length the reference normalisation assumes")
+    retain_distance: str = _field("l2", "l2 (paper) or relative_l2 (divided by the original norm)")
+    retain_weight: float = _field(1.0, "extra factor on c_r (1 = paper)")
+    reroute_tokens: str = _field("all", "all non-pad tokens (paper) or response tokens only")
+    # ---- LoRA
+    lora_r: int = _field(16, "LoRA rank")
+    lora_alpha: int = _field(16, "LoRA alpha")
+    lora_dropout: float = _field(0.05, "LoRA dropout")
+    lora_target_modules: list[str] = _field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "module names LoRA wraps, in blocks 0..max(target_layers)",
+    )
+    full_layers: bool = _field(False, "keep the blocks above max(target_layers) during training")
+    # ---- optimisation
+    steps: int = _field(150, "optimizer steps")
+    batch_size: int = _field(16, "items per optimizer step from each set")
+    grad_accum: int = _field(1, "micro-batches per optimizer step (batch_size must divide by it)")
+    lr: float = _field(1e-4, "AdamW learning rate, constant")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    max_grad_norm: float = _field(1.0, "gradient clipping")
+    gradient_checkpointing: str = _field("auto", "auto (on for GPU), true or false")
+    seed: int = _field(42, "seed for data order, augmentation and LoRA init")
+    log_every: int = _field(1, "train-log interval in steps")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check_types(self)
+        choices = {"retain_normalization": ("reference", "masked_mean"), "retain_distance": ("l2", "relative_l2"),
+                   "reroute_tokens": ("all", "response"), "truncation": ("response", "error"),
+                   "gradient_checkpointing": ("auto", "true", "false")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        positive = ("steps", "batch_size", "grad_accum", "lr", "alpha", "lora_r", "lora_alpha", "max_length",
+                    "reference_length", "log_every", "max_grad_norm")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key}: expected a positive number, got {getattr(self, key)}")
+        if not 0.0 <= self.drop_instruction_prob <= 1.0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError("drop_instruction_prob must be in [0, 1] and lora_dropout in [0, 1)")
+        if not self.target_layers or min(self.target_layers) < 1:
+            raise ConfigError(f"target_layers: expected hidden-state entries >= 1, got {self.target_layers}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        if self.schedule_denominator is not None and self.schedule_denominator <= 0:
+            raise ConfigError("schedule_denominator: expected a positive integer")
+
+    @property
+    def denominator(self) -> int:
+        return self.schedule_denominator or 2 * self.steps
+
+    @property
+    def kept_blocks(self) -> int:
+        """Blocks 0..max(target_layers) are trained; entry max(L) is the output of block max(L)-1."""
+        return max(self.target_layers) + 1
+
+    # ---------------------------------------------------------------- I/O
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> "RRConfig":
+        values: dict[str, Any] = {}
+        if path is not None:
+            values.update(read_yaml(path))
+        if isinstance(overrides, dict):
+            values.update(overrides)
+        elif overrides:
+            values.update(parse_overrides(overrides))
+        return cls.from_dict(values, where=str(path) if path else "overrides")
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> "RRConfig":
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+        try:
+            return cls(**values)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def help(cls) -> str:
+        return "\n".join(f"  {f.name} = {f.default if f.default is not dataclasses.MISSING else f.default_factory()!r}"
+                         f"  # {f.metadata['help']}" for f in dataclasses.fields(cls))
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+    return values
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` strings; values are parsed as YAML (`lr=1e-3`, `target_layers=[8,16]`)."""
+    values = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            value = raw
+        values[key.strip()] = value
+    return values
+
+
+def _check_types(config: RRConfig) -> None:
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        expected = hints[f.name]
+        coerced = _coerce(value, expected)
+        if coerced is _BAD:
+            raise ConfigError(f"{f.name}: expected {_type_name(expected)}, got {value!r}")
+        setattr(config, f.name, coerced)
+
+
+_BAD = object()
+
+
+def _coerce(value, expected):
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(expected):
+            return None
+        for option in typing.get_args(expected):
+            if option is not type(None) and (result := _coerce(value, option)) is not _BAD:
+                return result
+        return _BAD
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, (list, tuple)):
+            value = [value]  # `target_layers=12` means [12]
+        items = [_coerce(v, item_type) for v in value]
+        return _BAD if any(i is _BAD for i in items) else items
+    if expected is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"  # never bool("False") == True
+        return value if isinstance(value, bool) else _BAD
+    if expected is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _BAD
+    if expected is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
+    if expected is str:
+        # YAML reads `gradient_checkpointing=true` as a bool; the field is a string choice.
+        return str(value).lower() if isinstance(value, bool) else (value if isinstance(value, str) else _BAD)
+    return value
+
+
+def _type_name(expected) -> str:
+    return getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file via a temporary file in the same directory and a rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

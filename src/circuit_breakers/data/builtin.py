@@ -1,0 +1,96 @@
+"""The data this project ships, and how training sets are assembled from specs.
+
+`builtin/` holds prompts written for this project: harmful requests over the HarmBench semantic
+categories, benign instructions, borderline-safe requests, refusal styles and affirmative openers.
+Each prompt file is split into train and test by a fixed seed (`split_examples`).
+
+`generated/<model>/` holds the sets `circuit-breakers data build --model <model>` wrote, with the
+responses that model generated: `harmful.{train,test}.jsonl` (the circuit-breaker set),
+`benign.*`, `borderline.*` and `refusal.*` (retain sets). Those of the embedded default are
+committed; "builtin" in a config means them.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from .loaders import load_examples, read_jsonl
+from .schema import DataError, Example
+from .formatting import refusal_examples
+
+PROMPTS_DIR = Path(__file__).parent / "builtin"
+GENERATED_DIR = Path(__file__).parent / "generated"
+BUILTIN_MODEL = "smollm2-135m"
+PROMPT_SETS = ("harmful", "benign", "borderline")
+SPLIT_SEED = 1234
+TEST_FRACTION = 0.2
+
+
+def split_examples(examples: list[Example], split: str, *, seed: int = SPLIT_SEED,
+                   test_fraction: float = TEST_FRACTION) -> list[Example]:
+    """The train or test part of a list, stratified by category, fixed by `seed`."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split: expected train, test or all, got {split!r}")
+    if split == "all":
+        return list(examples)
+    rng = random.Random(seed)
+    chosen: list[Example] = []
+    for category in sorted({e.category or "" for e in examples}):
+        group = [e for e in examples if (e.category or "") == category]
+        rng.shuffle(group)
+        n_test = max(1, round(len(group) * test_fraction)) if len(group) > 1 else 0
+        chosen.extend(group[:n_test] if split == "test" else group[n_test:])
+    return chosen
+
+
+def builtin_prompts(name: str, split: str = "all") -> list[Example]:
+    """Request-only examples of a built-in prompt set: harmful, benign or borderline."""
+    if name not in PROMPT_SETS:
+        raise ValueError(f"built-in prompt sets are {', '.join(PROMPT_SETS)}, not {name!r}")
+    examples = load_examples(PROMPTS_DIR / f"{name}.jsonl", require_response=False)
+    return split_examples(examples, split)
+
+
+def refusal_texts() -> list[str]:
+    return [r["text"] for r in read_jsonl(PROMPTS_DIR / "refusals.jsonl")]
+
+
+def affirmative_starts() -> list[str]:
+    return [r["template"] for r in read_jsonl(PROMPTS_DIR / "affirmative.jsonl")]
+
+
+def generated_path(name: str, split: str, model: str = BUILTIN_MODEL) -> Path:
+    return GENERATED_DIR / model / f"{name}.{split}.jsonl"
+
+
+def generated_set(name: str, split: str, model: str = BUILTIN_MODEL) -> list[Example]:
+    path = generated_path(name, split, model)
+    if not path.is_file():
+        raise DataError(f"{path}: missing; build it with `circuit-breakers data build --model {model}`")
+    return load_examples(path)
+
+
+def load_training_sets(cb_specs: list[str], retain_specs: list[str], *, seed: int,
+                       response_field: str | None = None, refusals: bool = True
+                       ) -> tuple[list[Example], list[Example]]:
+    """(circuit-breaker examples, retain examples) from config specs; `builtin` = the shipped sets.
+
+    With `refusals`, every circuit-breaker request also enters the retain set answered by one of
+    the project's refusal styles, so refusing stays a retained behaviour (paper, Llama-3 recipe).
+    """
+    def load(specs: list[str], builtin_names: tuple[str, ...]) -> list[Example]:
+        examples: list[Example] = []
+        for spec in specs:
+            if spec == "builtin":
+                for name in builtin_names:
+                    examples.extend(generated_set(name, "train"))
+            else:
+                examples.extend(load_examples(spec, response_field=response_field))
+        return examples
+
+    cb = load(cb_specs, ("harmful",))
+    retain = load(retain_specs, ("benign", "borderline"))
+    if refusals:
+        retain.extend(refusal_examples([e for e in cb if e.request or e.messages], refusal_texts(), seed))
+    return cb, retain

@@ -1,0 +1,196 @@
+"""Load examples from JSONL, JSON, CSV, `datasets` directories or the hub; write JSONL.
+
+Every bad input raises DataError naming the file, the line (or row) and the field.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .schema import DataError, Example, example_from_record
+
+SUPPORTED = ('".jsonl", ".json", ".csv", a directory written by datasets save_to_disk, '
+             'or "hf:NAME[:SPLIT]"')
+
+# (where, source, record): `where` prefixes error messages, `source` is "path:n".
+Row = tuple[str, str, Any]
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("loading `datasets` directories or hub data needs the `datasets` "
+                          "package: pip install circuit-breakers[datasets]") from e
+    return datasets
+
+
+def _read_text(path: Path) -> str:
+    try:
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark.
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row]:
+    count = 0
+    # split("\n"), not splitlines(): U+2028 may appear unescaped inside JSON strings.
+    for n, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {n}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {n}: expected a JSON object, got {type(record).__name__}")
+        count += 1
+        yield f"{path} line {n}", f"{path}:{n}", record
+    if count == 0:
+        raise DataError(f"{path}: no records (empty file)")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The raw records of a JSONL file; DataError on a missing/empty file or a bad line."""
+    return [record for _, _, record in _jsonl_rows(Path(path))]
+
+
+def _json_rows(path: Path) -> Iterator[Row]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a list of records, or an object with exactly one "
+                            f"list-valued key such as \"data\"; found list keys {lists}")
+        data = data[lists[0]]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of records, got {type(data).__name__}")
+    if not data:
+        raise DataError(f"{path}: no records (empty list)")
+    for n, record in enumerate(data, 1):
+        yield f"{path} record {n}", f"{path}:{n}", record
+
+
+def _csv_rows(path: Path) -> Iterator[Row]:
+    # newline="": quoted cells may hold line breaks; only \r and \n end a row.
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    count = 0
+    for row in reader:
+        n = reader.line_num
+        # An empty cell means "absent"; cells beyond the header (key None) are ignored.
+        record: dict[str, Any] = {k: v for k, v in row.items() if k is not None and v}
+        if "messages" in record:
+            try:
+                record["messages"] = json.loads(record["messages"])
+            except json.JSONDecodeError as e:
+                raise DataError(f'{path} line {n}: field "messages": expected JSON text of a list '
+                                f'of {{"role", "content"}} objects ({e.msg})') from None
+        count += 1
+        yield f"{path} line {n}", f"{path}:{n}", record
+    if count == 0:
+        raise DataError(f"{path}: no records (empty file or header only)")
+
+
+def _dataset_rows(ds: Any, label: str, limit: int | None) -> Iterator[Row]:
+    if len(ds) == 0:
+        raise DataError(f"{label}: no records (empty dataset)")
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))  # avoid materialising rows we drop
+    for n, record in enumerate(ds, 1):
+        yield f"{label} row {n}", f"{label}:{n}", record
+
+
+def _disk_rows(path: Path, split: str, limit: int | None) -> Iterator[Row]:
+    datasets = _import_datasets()
+    try:
+        obj = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: a directory, but not one written by datasets "
+                        f"save_to_disk ({e}); supported inputs: {SUPPORTED}") from None
+    if isinstance(obj, datasets.DatasetDict):
+        if split not in obj:
+            raise DataError(f'{path}: split "{split}" not found; available: {", ".join(obj)}')
+        return _dataset_rows(obj[split], f"{path}[{split}]", limit)
+    return _dataset_rows(obj, str(path), limit)
+
+
+def _hub_rows(spec: str, split: str, limit: int | None) -> Iterator[Row]:
+    name, _, hub_split = spec[len("hf:"):].partition(":")
+    split = hub_split or split
+    if not name:
+        raise DataError(f'{spec}: expected "hf:NAME" or "hf:NAME:SPLIT"')
+    datasets = _import_datasets()
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # network, auth, unknown name or split: all mean "not loadable"
+        raise DataError(
+            f'{spec}: could not load split "{split}" of "{name}" from the Hugging Face hub '
+            f"({type(e).__name__}: {e}). The hub may be unreachable or the name/split wrong; "
+            f"download the data where the hub is reachable and pass a local .jsonl, .json or "
+            f".csv file, or a datasets save_to_disk directory, instead") from None
+    return _dataset_rows(ds, f"hf:{name}:{split}", limit)
+
+
+def _rows(spec: str | os.PathLike, split: str, limit: int | None) -> Iterator[Row]:
+    if isinstance(spec, str) and spec.startswith("hf:"):
+        return _hub_rows(spec, split, limit)
+    path = Path(spec)
+    if path.is_dir():
+        return _disk_rows(path, split, limit)
+    readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        if not path.exists():
+            raise DataError(f"{path}: file not found")
+        raise DataError(f'{path}: unsupported file type "{path.suffix}"; supported: {SUPPORTED}')
+    return reader(path)
+
+
+def load_examples(spec: str | os.PathLike, *, response_field: str | None = None,
+                  require_response: bool = True, split: str = "train",
+                  limit: int | None = None) -> list[Example]:
+    """Load and validate examples from a file, a `datasets` directory or ``hf:NAME[:SPLIT]``.
+
+    ``split`` picks the split of a DatasetDict or hub dataset; ``limit`` keeps the first
+    records only. An example without its own ``source`` gets ``"path:n"`` (n: the line
+    for JSONL and CSV, the 1-based record or row number otherwise).
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive integer or None, got {limit}")
+    examples = []
+    for where, source, record in itertools.islice(_rows(spec, split, limit), limit):
+        example = example_from_record(record, where, response_field=response_field,
+                                      require_response=require_response)
+        examples.append(example if example.source else replace(example, source=source))
+    return examples
+
+
+def write_jsonl(path: str | os.PathLike, examples: Iterable[Example | dict]) -> None:
+    """Write records as JSONL atomically: readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for item in examples:
+                record = item.to_json() if isinstance(item, Example) else item
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
