@@ -205,6 +205,11 @@ def _coerce(value, expected):
             return value.lower() == "true"  # never bool("False") == True
         return value if isinstance(value, bool) else _BAD
     if expected is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                return _BAD
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _BAD
     if expected is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
@@ -215,6 +220,8 @@ def _coerce(value, expected):
 
 
 def _type_name(expected) -> str:
+    if typing.get_origin(expected) is not None:  # list[int], int | None: say what the items must be
+        return str(expected).replace("typing.", "")
     return getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
 
 

@@ -78,8 +78,8 @@ def find_architecture(model: nn.Module, blocks_path: str | None = None) -> Archi
         blocks = get_attr_path(model, path)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             continue
-        decoder_path = path.rsplit(".", 1)[0]
-        decoder = get_attr_path(model, decoder_path)
+        # The decoder is the blocks' parent; a top-level path ("layers") has the model itself as parent.
+        decoder = get_attr_path(model, path.rsplit(".", 1)[0]) if "." in path else model
         norm = get_attr_path(model, norm_path) if norm_path else _guess_final_norm(decoder)
         if norm_path and norm is None:
             continue

@@ -258,7 +258,7 @@ class RRTrainer:
 
     def save(self, out: Path) -> nn.Module:
         """Write OUT/adapter (PEFT) and OUT/model (merged, upper blocks re-attached, original config)."""
-        blocks_path = find_architecture(self.model).blocks_path
+        blocks_path = self.arch.blocks_path  # also right for a model found through config.blocks_path
         _atomic_dir(out / "adapter", self.model.save_pretrained)
         merged = self.model.merge_and_unload()
         if self.dropped is not None:

@@ -1,0 +1,104 @@
+"""The `circuit-breakers` command. Thin: parses arguments and calls the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import ConfigError, RRConfig
+from .data.schema import DataError
+from .models import ModelError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a recipe shipped in the package (`llama3-8b`, `smollm2-135m`, ...)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise ConfigError(f"--config {name_or_path}: no such file, and no shipped recipe of that name ({names})")
+    return shipped
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="circuit-breakers", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="circuit-break a model with Representation Rerouting",
+                                epilog="config keys:\n" + RRConfig.help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--config", help="YAML file or shipped recipe name (llama3-8b, mistral-7b, smollm2-135m)")
+    train.add_argument("--model", help="hub id, checkpoint directory, .gguf file or smollm2-135m")
+    train.add_argument("--out", required=True, help="output directory")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+    data = commands.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
+    build = data.add_parser("build", help="generate the built-in sets' responses with a model")
+    build.add_argument("--model", default="smollm2-135m")
+    build.add_argument("--out", help="output directory (default: the package's data/generated/<model>)")
+    build.add_argument("--max-new-tokens", type=int, default=160)
+    build.add_argument("--batch-size", type=int, default=16)
+    build.add_argument("--limit", type=int, help="at most this many prompts per set and split (for a quick look)")
+
+    demo = commands.add_parser("demo", help="train the embedded default and compare it with the original")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--config", default="smollm2-135m", help="recipe for the demo's training")
+    demo.add_argument("--retrain", action="store_true", help="train again even if OUT/model matches the config")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "data":
+            return _data_build(args)
+        if args.command == "demo":
+            from .demo import run_demo
+            config = RRConfig.load(recipe_path(args.config), args.overrides)
+            run_demo(config, args.out, retrain=args.retrain)
+            return 0
+    except (ConfigError, DataError, ModelError) as err:
+        print(f"circuit-breakers: error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _train(args) -> int:
+    from .training import RRTrainer
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model={args.model}")
+    config = RRConfig.load(recipe_path(args.config) if args.config else None, overrides)
+    result = RRTrainer(config, progress=not args.no_progress).train(args.out)
+    last = result.log[-1]
+    print(f"saved {result.output_dir}/model (merged) and {result.output_dir}/adapter; "
+          f"last step: rerouting_loss={last['rerouting_loss']} retain_loss={last['retain_loss']:.4g}")
+    return 0
+
+
+def _data_build(args) -> int:
+    from .data.build import build_sets
+    from .data.builtin import GENERATED_DIR
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model)
+    name = args.model if args.model == "smollm2-135m" else Path(args.model).name
+    out = args.out or GENERATED_DIR / name
+    manifest = build_sets(model, tokenizer, out, model_name=args.model, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, limit=args.limit)
+    print(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in manifest["counts"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""The RR trainer on tiny random models: exact step-1 values, what is trained, the schedule's end,
+dropped upper blocks and the saved checkpoint, batching, gradient accumulation."""
+import copy
+import json
+
+import pytest
+import torch
+
+from circuit_breakers.config import ConfigError, RRConfig
+from circuit_breakers.data import ChatFormatter, Example, TokenizedExample, tokenize_examples
+from circuit_breakers.models import base_model_name
+from circuit_breakers.training import RRTrainer, batch_indices
+
+from .conftest import make_tiny_model
+
+LOG_KEYS = {"step", "c_s", "c_r", "retain_loss", "rerouting_loss", "cb_cos", "retain_cos", "grad_norm", "lr",
+            "tokens_per_s"}
+
+
+def _items(tokenizer, n: int, *, harmful: bool):
+    fmt = ChatFormatter(tokenizer, 64)
+    if harmful:
+        examples = [Example(request=f"How do I bake bread {i}?",
+                            response="Sure, here is a simple recipe for bread. " * (1 + i % 3)) for i in range(n)]
+    else:
+        examples = [Example(request=f"Explain the water cycle {i}" + " in three short sentences" * (i % 2),
+                            response="I cannot help with that request.") for i in range(n)]
+    return tokenize_examples(examples, fmt)
+
+
+def _trainer(model, tokenizer, n_cb: int = 6, n_retain: int = 6, **overrides) -> RRTrainer:
+    settings = dict(model="tiny-test-model", target_layers=[2, 4], steps=3, batch_size=2, lr=1e-2, max_length=64)
+    settings.update(overrides)
+    return RRTrainer(RRConfig(**settings), model=model, tokenizer=tokenizer,
+                     circuit_breaker_items=_items(tokenizer, n_cb, harmful=True),
+                     retain_items=_items(tokenizer, n_retain, harmful=False), progress=False)
+
+
+# ---------------------------------------------------------------- step 1 and what is trained
+
+
+def test_step_one_values(tiny_model, chat_tokenizer):
+    """With LoRA B = 0 the trained model equals the original: L_r = 0 and L_s = 1 (method.md section 4)."""
+    trainer = _trainer(tiny_model, chat_tokenizer, steps=1, alpha=10.0)
+    assert all(torch.all(p == 0) for n, p in trainer.model.named_parameters() if "lora_B" in n)
+    (record,) = trainer.train().log
+    assert record["step"] == 1
+    assert record["retain_loss"] == 0.0
+    assert record["rerouting_loss"] == pytest.approx(1.0, abs=1e-6)
+    assert record["cb_cos"] == pytest.approx(1.0, abs=1e-6)
+    assert record["retain_cos"] == pytest.approx(1.0, abs=1e-6)
+    assert record["c_s"] == pytest.approx(10.0 * (1 - 1 / 2))  # denominator 2 * steps = 2
+    assert record["c_r"] == pytest.approx(10.0 * 1 / 2)
+    assert record["lr"] == 1e-2 and record["grad_norm"] >= 0 and record["tokens_per_s"] > 0
+
+
+def test_step_one_values_with_the_norm_aware_options(chat_tokenizer):
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer))
+    trainer = _trainer(model, chat_tokenizer, steps=2, retain_distance="relative_l2",
+                       retain_normalization="masked_mean", reroute_tokens="response", retain_weight=3.0)
+    first, second = trainer.train().log
+    assert first["retain_loss"] == 0.0
+    assert first["rerouting_loss"] == pytest.approx(1.0, abs=1e-6)
+    assert first["c_r"] == pytest.approx(3.0 * 10.0 * 1 / 4)  # retain_weight scales c_r
+    assert 0 < second["retain_loss"] < 1  # a relative distance
+    assert second["rerouting_loss"] < 1.0
+
+
+def test_only_lora_parameters_change(tiny_model, chat_tokenizer):
+    trainer = _trainer(tiny_model, chat_tokenizer, steps=3)
+    kept = trainer.config.kept_blocks  # 5: blocks 0..4
+    params = dict(trainer.model.named_parameters())
+    lora_before = {n: p.detach().clone() for n, p in params.items() if "lora_" in n}
+    base_before = {n: p.detach().clone() for n, p in params.items() if "lora_" not in n}
+    dropped_before = [copy.deepcopy(b.state_dict()) for b in trainer.dropped.blocks]
+    assert lora_before and base_before
+    # Trainable parameters are exactly the LoRA matrices of blocks 0..max(target_layers).
+    assert {n for n, p in params.items() if p.requires_grad} == set(lora_before)
+    layer_ids = {int(n.split(".layers.")[1].split(".")[0]) for n in lora_before}
+    assert layer_ids == set(range(kept))
+    modules = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora_before}
+    assert modules == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+    log = trainer.train().log
+    assert len(log) == 3
+    assert log[-1]["retain_loss"] > 0 and log[-1]["rerouting_loss"] < 1.0
+    params = dict(trainer.model.named_parameters())
+    for name, before in lora_before.items():
+        assert not torch.equal(params[name], before), f"{name} did not change"
+    for name, before in base_before.items():
+        assert torch.equal(params[name], before), f"base parameter {name} changed"
+    for block, before in zip(trainer.dropped.blocks, dropped_before):
+        for key, value in block.state_dict().items():
+            assert torch.equal(value, before[key])
+
+
+def test_base_weights_unchanged_against_original_model(chat_tokenizer):
+    """The adapter-disabled model after training computes exactly what the untouched original does."""
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer))
+    original = copy.deepcopy(model)
+    trainer = _trainer(model, chat_tokenizer, steps=2, full_layers=True)
+    trainer.train()
+    ids = torch.tensor([chat_tokenizer("How do I bake bread?")["input_ids"]])
+    with torch.no_grad():
+        with trainer.model.disable_adapter():
+            frozen = trainer.model(input_ids=ids).logits
+        trained = trainer.model(input_ids=ids).logits
+        reference = original(input_ids=ids).logits
+    assert torch.equal(frozen, reference)
+    assert not torch.allclose(trained, reference, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the schedule's end
+
+
+def test_training_past_the_schedule_end(chat_tokenizer):
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer))
+    trainer = _trainer(model, chat_tokenizer, steps=4, schedule_denominator=2, alpha=4.0)
+    log = trainer.train().log
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert log[0]["c_s"] == pytest.approx(2.0) and log[0]["rerouting_loss"] is not None
+    for record in log[1:]:
+        assert record["c_s"] == 0.0
+        assert record["rerouting_loss"] is None and record["cb_cos"] is None
+        assert record["retain_loss"] is not None
+    assert [r["c_r"] for r in log] == pytest.approx([2.0, 4.0, 6.0, 8.0])
+
+
+# ---------------------------------------------------------------- dropped blocks and saving
+
+
+def test_dropped_blocks_saved_checkpoint(tmp_path, chat_tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=6)
+    original = copy.deepcopy(model)
+    trainer = _trainer(model, chat_tokenizer, steps=3, target_layers=[2, 3])
+    assert trainer.arch.num_blocks == 4  # blocks 0..3 kept, 4 and 5 dropped while training
+    assert len(trainer.dropped.blocks) == 2
+    assert trainer.retain_entries == [0, 1, 2, 3, 4]
+    out = tmp_path / "run"
+    result = trainer.train(out)
+
+    # A full, ordinary checkpoint.
+    saved = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+    assert len(saved.model.layers) == 6
+    assert saved.config.num_hidden_layers == 6
+    assert json.loads((out / "model" / "config.json").read_text())["num_hidden_layers"] == 6
+    for i in (4, 5):
+        got, want = saved.model.layers[i].state_dict(), original.model.layers[i].state_dict()
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), f"block {i} {key}"
+    assert torch.equal(saved.lm_head.weight, original.lm_head.weight)
+    assert torch.equal(saved.model.norm.weight, original.model.norm.weight)
+
+    # Merged weights == the original full model with the saved adapter applied.
+    adapted = PeftModel.from_pretrained(copy.deepcopy(original), out / "adapter").eval()
+    ids = torch.tensor([chat_tokenizer("How do I bake bread? Sure, here is a simple recipe.")["input_ids"]])
+    with torch.no_grad():
+        merged_logits = saved(input_ids=ids).logits
+        adapter_logits = adapted(input_ids=ids).logits
+        original_logits = original(input_ids=ids).logits
+        in_memory = result.model(input_ids=ids).logits
+    assert torch.allclose(merged_logits, adapter_logits, atol=1e-5)
+    assert torch.allclose(in_memory, merged_logits, atol=1e-6)
+    assert not torch.allclose(merged_logits, original_logits, atol=1e-3)  # training did something
+
+    # The run directory.
+    assert RRConfig.load(out / "config.yaml") == trainer.config
+    lines = (out / "train_log.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert LOG_KEYS <= set(record)
+    card = (out / "model" / "README.md").read_text()
+    assert f"base_model: {base_model_name(trainer.config.model)}" in card
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    assert tokenizer.chat_template == chat_tokenizer.chat_template
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def test_blocks_path_model_trains_and_saves(tmp_path, chat_tokenizer, monkeypatch):
+    """A model found only through `blocks_path` (no known layout) must also save: the trainer must not
+    look its blocks up again without the override."""
+    from transformers import AutoModelForCausalLM
+
+    from circuit_breakers import models
+
+    monkeypatch.setattr(models, "KNOWN_LAYOUTS", ())
+    model = make_tiny_model("mistral", vocab_size=len(chat_tokenizer), layers=4)
+    with pytest.raises(models.ModelError, match="blocks_path"):
+        models.find_architecture(model)
+    trainer = _trainer(model, chat_tokenizer, steps=1, target_layers=[2], blocks_path="model.layers")
+    assert trainer.arch.num_blocks == 3
+    trainer.train(tmp_path / "run")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert len(saved.model.layers) == 4 and saved.config.num_hidden_layers == 4
+
+
+def test_full_layers_keeps_every_block(chat_tokenizer):
+    model = make_tiny_model("qwen2", vocab_size=len(chat_tokenizer), layers=6)
+    trainer = _trainer(model, chat_tokenizer, steps=1, target_layers=[2, 3], full_layers=True)
+    assert trainer.dropped is None
+    assert trainer.arch.num_blocks == 6 and len(model.model.layers) == 6
+    assert model.config.num_hidden_layers == 6
+    assert trainer.retain_entries == list(range(7))
+    lora_layers = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in trainer.model.named_parameters()
+                   if "lora_" in n}
+    assert lora_layers == {0, 1, 2, 3}  # LoRA still only on blocks 0..max(target_layers)
+    (record,) = trainer.train().log
+    assert record["retain_loss"] == 0.0
+
+
+def test_target_layer_past_the_model_raises(chat_tokenizer):
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=6)
+    with pytest.raises(ConfigError, match="target_layers"):
+        _trainer(model, chat_tokenizer, target_layers=[2, 7])
+    assert len(model.model.layers) == 6  # nothing was dropped
+
+
+def test_unknown_lora_module_raises(chat_tokenizer):
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4)
+    with pytest.raises(ConfigError, match="c_attn.*q_proj"):
+        _trainer(model, chat_tokenizer, target_layers=[2], lora_target_modules=["c_attn"])
+
+
+# ---------------------------------------------------------------- batches
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_batch_indices_draw_every_item_once_per_epoch(group_by_length):
+    rng = torch.Generator().manual_seed(0)
+    small = torch.randint(10, 50, (6,), generator=rng).tolist()
+    large = torch.randint(10, 50, (120,), generator=rng).tolist()
+    small_batches = batch_indices(small, 3, seed=1, group_by_length=group_by_length)
+    large_batches = batch_indices(large, 3, seed=2, group_by_length=group_by_length)
+    # Drawn side by side, as the trainer does: 80 steps cover the large set twice, the small one 40 times.
+    steps = [(next(small_batches), next(large_batches)) for _ in range(80)]
+    assert all(len(s) == 3 and len(l) == 3 for s, l in steps)
+    small_stream = [i for s, _ in steps for i in s]
+    large_stream = [i for _, l in steps for i in l]
+    for epoch in range(len(small_stream) // 6):
+        assert sorted(small_stream[epoch * 6:(epoch + 1) * 6]) == list(range(6))
+    for epoch in range(2):
+        assert sorted(large_stream[epoch * 120:(epoch + 1) * 120]) == list(range(120))
+    assert large_stream[:120] != large_stream[120:]  # a new shuffle each epoch
+
+
+def test_batch_indices_epochs_carry_over_when_batch_does_not_divide():
+    batches = batch_indices([5] * 7, 3, seed=0)
+    stream = [i for _ in range(7) for i in next(batches)]  # 21 items = 3 epochs
+    for epoch in range(3):
+        assert sorted(stream[epoch * 7:(epoch + 1) * 7]) == list(range(7))
+
+
+def test_batch_indices_deterministic_for_a_seed():
+    lengths = list(range(40, 0, -1))
+
+    def take(seed, n=30):
+        batches = batch_indices(lengths, 4, seed)
+        return [next(batches) for _ in range(n)]
+
+    assert take(42) == take(42)
+    assert take(42) != take(43)
+
+
+def test_batch_indices_group_by_length():
+    lengths = [(i * 37) % 100 for i in range(40)]  # 40 distinct lengths
+    batches = batch_indices(lengths, 5, seed=3, group_by_length=True)
+    first_epoch = [next(batches) for _ in range(8)]
+    ranges = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in first_epoch)
+    for (lo1, hi1), (lo2, hi2) in zip(ranges, ranges[1:]):
+        assert hi1 < lo2  # batches hold contiguous runs of the length order: minimal padding
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+
+def _fixed_length_items(n: int, length: int, seed: int, vocab: int):
+    g = torch.Generator().manual_seed(seed)
+    return [TokenizedExample(tuple(torch.randint(5, vocab, (length,), generator=g).tolist()), length // 2)
+            for _ in range(n)]
+
+
+def _lora_after_two_steps(chat_tokenizer, grad_accum: int):
+    vocab = len(chat_tokenizer)
+    model = make_tiny_model("llama", vocab_size=vocab, layers=4)
+    config = RRConfig(model="tiny", target_layers=[2, 3], steps=2, batch_size=4, grad_accum=grad_accum, lr=1e-3,
+                      lora_dropout=0.0, max_length=64)
+    trainer = RRTrainer(config, model=model, tokenizer=chat_tokenizer,
+                        circuit_breaker_items=_fixed_length_items(8, 12, 0, vocab),
+                        retain_items=_fixed_length_items(8, 12, 1, vocab), progress=False)
+    # Start from B != 0: with B = 0 the first gradient is pure rounding noise (the losses are at a
+    # stationary point), which Adam would amplify into an update whose direction means nothing.
+    g = torch.Generator().manual_seed(7)
+    for name, p in trainer.model.named_parameters():
+        if "lora_B" in name:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    log = trainer.train().log
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}, log
+
+
+def test_grad_accum_matches_one_big_batch(chat_tokenizer):
+    one, log_one = _lora_after_two_steps(chat_tokenizer, 1)
+    two, log_two = _lora_after_two_steps(chat_tokenizer, 2)
+    assert one.keys() == two.keys()
+    for record_one, record_two in zip(log_one, log_two):
+        for key in ("rerouting_loss", "retain_loss", "grad_norm", "cb_cos", "retain_cos"):
+            assert record_two[key] == pytest.approx(record_one[key], rel=1e-4, abs=1e-7), key
+    moved = max((one[n] - two[n]).abs().max().item() for n in one)
+    assert moved < 1e-5  # lr is 1e-3: any real difference in the gradients would show at that scale
+
+
+def test_gradient_checkpointing_gives_the_same_training(chat_tokenizer):
+    """Checkpointing recomputes blocks in backward; the capture hooks must be gone by then and the
+    result must not change."""
+    def run(checkpointing: str):
+        model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4)
+        trainer = _trainer(model, chat_tokenizer, steps=3, target_layers=[2, 3], lora_dropout=0.0,
+                           gradient_checkpointing=checkpointing)
+        assert all(block.gradient_checkpointing == (checkpointing == "true") for block in model.model.layers)
+        log = trainer.train().log
+        return log, {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+
+    log_off, lora_off = run("false")
+    log_on, lora_on = run("true")
+    for a, b in zip(log_off, log_on):
+        assert b["rerouting_loss"] == pytest.approx(a["rerouting_loss"], abs=1e-6)
+        assert b["retain_loss"] == pytest.approx(a["retain_loss"], rel=1e-4, abs=1e-8)
+    assert max((lora_off[n] - lora_on[n]).abs().max().item() for n in lora_off) < 1e-4
