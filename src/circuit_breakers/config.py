@@ -69,6 +69,7 @@ class RRConfig:
     lr: float = _field(1e-4, "AdamW learning rate, constant")
     weight_decay: float = _field(0.0, "AdamW weight decay")
     max_grad_norm: float = _field(1.0, "gradient clipping")
+    frozen_cache_gb: float = _field(2.0, "memory for caching the frozen model's hidden states per item; 0 = off")
     gradient_checkpointing: str = _field("auto", "auto (on for GPU), true or false")
     seed: int = _field(42, "seed for data order, augmentation and LoRA init")
     log_every: int = _field(1, "train-log interval in steps")
