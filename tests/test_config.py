@@ -12,7 +12,7 @@ def test_defaults_are_the_papers():
     assert c.alpha == 10.0
     assert c.target_layers == [10, 20]
     assert (c.lora_r, c.lora_alpha, c.lora_dropout) == (16, 16, 0.05)
-    assert c.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert c.lora_target_modules == ["auto"]  # the paper's seven projections where they exist
     assert c.steps == 150 and c.batch_size == 16 and c.grad_accum == 1
     assert c.max_grad_norm == 1.0 and c.weight_decay == 0.0
     assert c.seed == 42

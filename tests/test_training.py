@@ -227,6 +227,18 @@ def test_unknown_lora_module_raises(chat_tokenizer):
         _trainer(model, chat_tokenizer, target_layers=[2], lora_target_modules=["c_attn"])
 
 
+def test_auto_lora_targets_are_the_papers_projections_or_every_linear_layer(chat_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from circuit_breakers.models import find_architecture
+    from circuit_breakers.training import PAPER_LORA_TARGETS, resolve_lora_targets
+
+    llama = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=2)
+    assert resolve_lora_targets(find_architecture(llama), ["auto"]) == PAPER_LORA_TARGETS
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
+    assert resolve_lora_targets(find_architecture(gpt2), ["auto"]) == ["c_attn", "c_fc", "c_proj"]
+
+
 # ---------------------------------------------------------------- batches
 
 

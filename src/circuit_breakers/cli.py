@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -11,6 +13,20 @@ from .data.schema import DataError
 from .models import ModelError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+
+# Subcommands that live beside the code they drive: each module has `register(subparsers)` (adds its
+# parser, imports nothing heavy) and `run(args) -> int`. Listed here; registered when installed.
+SUBCOMMAND_MODULES = {
+    "eval": "circuit_breakers.evaluation.cli",
+    "probe": "circuit_breakers.probes.cli",
+    "serve": "circuit_breakers.serving.cli",
+}
+
+
+def _subcommand_modules():
+    for command, name in SUBCOMMAND_MODULES.items():
+        if importlib.util.find_spec(name.rsplit(".", 1)[0]) and importlib.util.find_spec(name):
+            yield command, importlib.import_module(name)
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -51,6 +67,9 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default="smollm2-135m", help="recipe for the demo's training")
     demo.add_argument("--retrain", action="store_true", help="train again even if OUT/model matches the config")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+    for _, module in _subcommand_modules():
+        module.register(commands)
     return parser
 
 
@@ -66,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             config = RRConfig.load(recipe_path(args.config), args.overrides)
             run_demo(config, args.out, retrain=args.retrain)
             return 0
+        for command, module in _subcommand_modules():
+            if args.command == command:
+                return module.run(args)
     except (ConfigError, DataError, ModelError) as err:
         print(f"circuit-breakers: error: {err}", file=sys.stderr)
         return 2

@@ -58,8 +58,8 @@ class RRConfig:
     lora_alpha: int = _field(16, "LoRA alpha")
     lora_dropout: float = _field(0.05, "LoRA dropout")
     lora_target_modules: list[str] = _field(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "module names LoRA wraps, in blocks 0..max(target_layers)",
+        ["auto"], "module names LoRA wraps in blocks 0..max(target_layers); auto = the paper's "
+        "q,k,v,o,gate,up,down projections where the model has them, else every linear layer; all-linear",
     )
     full_layers: bool = _field(False, "keep the blocks above max(target_layers) during training")
     # ---- optimisation

@@ -60,10 +60,16 @@ def batch_indices(lengths: Sequence[int], batch_size: int, seed: int, *, group_b
 # ---------------------------------------------------------------- model preparation
 
 
+PAPER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def resolve_lora_targets(arch: Architecture, names: list[str]) -> list[str]:
-    """Check the configured LoRA module names against block 0; `all-linear` takes every linear layer."""
+    """Check the configured LoRA module names against block 0; `all-linear` takes every linear layer,
+    `auto` the paper's projections when the model has them all (Llama, Mistral, Qwen, Gemma), else all-linear."""
     linear = sorted({name.rsplit(".", 1)[-1] for name, module in arch.blocks[0].named_modules()
                      if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"})
+    if names == ["auto"]:
+        names = PAPER_LORA_TARGETS if set(PAPER_LORA_TARGETS) <= set(linear) else ["all-linear"]
     if names == ["all-linear"]:
         return linear
     missing = [n for n in names if n not in linear]

@@ -43,3 +43,33 @@ def representation_similarity(model, baseline, items: Sequence[TokenizedExample]
         count += float(mask.sum())
     count = max(count, 1.0)
     return {l: {"cosine": float(s[0] / count), "norm_ratio": float(s[1] / count)} for l, s in sums.items()}
+
+
+def representation_report(model, baseline, tokenizer, *, max_length: int = 512, limit: int | None = None,
+                          batch_size: int = 8, sets: Sequence[str] = ("harmful", "benign")) -> dict:
+    """Cosine and norm ratio at every layer on held-out harmful and benign text, for results.json.
+
+    Uses the held-out generated responses (`generated_set(name, "test")`, response tokens). When
+    they have not been built, falls back to the built-in test prompts alone (every token) and says
+    so in "tokens". Layer keys are strings (JSON).
+    """
+    from ..data import ChatFormatter, DataError, Example, tokenize_examples
+    from ..data.builtin import builtin_prompts, generated_set
+
+    formatter = ChatFormatter(tokenizer, max_length)
+    report: dict = {}
+    for name in sets:
+        try:
+            examples = generated_set(name, "test")[:limit]
+            tokens, source = "response", f"generated_set({name!r}, 'test')"
+        except DataError:
+            prompts = builtin_prompts(name, "test")[:limit]
+            examples = [Example(response="", request=p.request, source=p.source) for p in prompts]
+            tokens, source = "all", f"builtin_prompts({name!r}, 'test') (prompt only: generated responses missing)"
+        items = tokenize_examples(examples, formatter)
+        per_layer = representation_similarity(model, baseline, items, tokenizer.pad_token_id, tokens=tokens,
+                                              batch_size=batch_size)
+        report[name] = {"per_layer": {str(layer): values for layer, values in per_layer.items()},
+                        "mean_cosine": sum(v["cosine"] for v in per_layer.values()) / len(per_layer),
+                        "items": len(items), "tokens": tokens, "source": source}
+    return report

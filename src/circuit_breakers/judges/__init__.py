@@ -1,4 +1,34 @@
-"""Judges label model outputs: harmful, refusal, broken-down or benign answer."""
-from .refusal import is_refusal
+"""Judges label model outputs: harmful, refusal, broken-down or benign answer (or "error").
 
-__all__ = ["is_refusal"]
+`make_judge(name, judge_model=None, reference=None)`:
+- "refusal":   keyword matching (`RefusalJudge`);
+- "heuristic": refusal phrases + broken-down checks + on-topic overlap (`HeuristicJudge`); with
+               `reference=(model, tokenizer)` of the ORIGINAL model it also uses perplexity;
+- "harmbench": the HarmBench classifier from a local path or `URL[#MODEL]` (`HarmBenchJudge`);
+- "llm":       a chat model behind an OpenAI-compatible endpoint `URL[#MODEL]` (`LLMJudge`).
+"""
+from .base import ERROR, LABELS, BaseJudge, Judge, JudgeError, Verdict
+from .heuristic import HeuristicJudge, output_perplexities
+from .refusal import RefusalJudge, is_refusal
+
+JUDGES = ("refusal", "heuristic", "harmbench", "llm")
+
+
+def make_judge(name: str, judge_model: str | None = None, *, reference=None, **kwargs) -> Judge:
+    """A judge by name; `judge_model` is the classifier path or endpoint URL for harmbench and llm."""
+    if name == "refusal":
+        return RefusalJudge(**kwargs)
+    if name == "heuristic":
+        model, tokenizer = reference if reference is not None else (None, None)
+        return HeuristicJudge(model=model, tokenizer=tokenizer, **kwargs)
+    if name == "harmbench":
+        from .harmbench import HarmBenchJudge
+        return HarmBenchJudge.from_spec(judge_model, **kwargs)
+    if name == "llm":
+        from .llm import LLMJudge
+        return LLMJudge.from_spec(judge_model, **kwargs)
+    raise ValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGES)}")
+
+
+__all__ = ["ERROR", "JUDGES", "LABELS", "BaseJudge", "HeuristicJudge", "Judge", "JudgeError", "RefusalJudge",
+           "Verdict", "is_refusal", "make_judge", "output_perplexities"]

@@ -1,0 +1,48 @@
+"""What every attack takes and returns.
+
+An attack is a module with a config dataclass (its budget, with defaults) and a class with
+`run(model, tokenizer, behaviors) -> list[AttackOutput]`. The evaluation harness judges the
+generations; attacks never judge (except PAIR, whose loop needs a score, through a callback).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class Behavior:
+    """A harmful behaviour to elicit (HarmBench's unit)."""
+
+    id: str
+    request: str
+    context: str | None = None  # HarmBench contextual behaviours
+    target: str = ""  # affirmative target ("Sure, here's ..."), for optimisation attacks and prefilling
+    category: str | None = None
+
+    def user_message(self) -> str:
+        """The request as HarmBench places it: the context first, then a separator."""
+        return f"{self.context}\n\n---\n\n{self.request}" if self.context else self.request
+
+
+@dataclass
+class AttackOutput:
+    behavior_id: str
+    attack: str
+    prompt: str  # what the model was shown as the user turn (or a description of the perturbation)
+    generations: list[str]  # one or more samples; a behaviour is broken if any is harmful
+    budget: dict  # the attack config's budget fields, recorded beside every result
+    extra: dict = field(default_factory=dict)  # losses, snapshots steps, prefill text, ...
+
+
+class Attack(Protocol):
+    name: str
+
+    def run(self, model, tokenizer, behaviors: Sequence[Behavior]) -> list[AttackOutput]: ...
+
+
+def budget_of(config) -> dict:
+    """A config dataclass as a plain dict, for results.json."""
+    return dataclasses.asdict(config)

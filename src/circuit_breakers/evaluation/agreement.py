@@ -1,0 +1,156 @@
+"""Judge agreement with hand labels (evaluation.md section 4): accuracy and a confusion matrix per judge.
+
+Hand-labelled JSONL, one output per line (labelling rules: docs/labelling.md):
+
+    {"id": "h-001", "prompt": "How do I ...?", "prompt_kind": "harmful", "attack": "direct",
+     "model": "after", "output": "I can't help with that.", "label": "refusal"}
+
+prompt_kind: harmful | borderline | benign; model: before | after; label: one of LABELS.
+Optional "context" (a contextual behaviour's context) is passed to the judges.
+
+Every judge labels every output (harmful_prompt = prompt_kind == "harmful"). Reported per judge:
+accuracy over the four labels (an "error" verdict counts as a disagreement, and is counted),
+binary accuracy (harmful vs not harmful: what ASR depends on; the only fair number for the
+harmbench judge, which cannot tell refusal from broken-down), harmful precision and recall, and
+the confusion matrix (rows: hand label, columns: judge label, incl. "error").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ..attacks.base import Behavior
+from ..data.schema import DataError
+from ..judges.base import ERROR, LABELS
+
+PROMPT_KINDS = ("harmful", "borderline", "benign")
+MODEL_KINDS = ("before", "after")
+COLUMNS = (*LABELS, ERROR)
+
+
+@dataclass(frozen=True)
+class LabelledOutput:
+    id: str
+    prompt: str
+    prompt_kind: str
+    attack: str
+    model: str
+    output: str
+    label: str
+    context: str | None = None
+
+    def behavior(self) -> Behavior:
+        return Behavior(id=self.id, request=self.prompt, context=self.context)
+
+
+def load_labelled(path: str | Path) -> list[LabelledOutput]:
+    """Validate and load a hand-labelled JSONL; errors name the file, line and field."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found (the hand-labelled set; see docs/labelling.md)") from None
+    items: list[LabelledOutput] = []
+    seen: dict[str, int] = {}
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        values = {}
+        for field in ("id", "prompt", "prompt_kind", "attack", "model", "output", "label"):
+            value = record.get(field)
+            if field == "id" and isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
+            if field == "attack" and value is None:
+                value = "direct"
+            if not isinstance(value, str) or (field != "output" and not value.strip()):
+                raise DataError(f'{where}: field "{field}": expected a {"" if field == "output" else "non-empty "}'
+                                f"string, got {value!r}")
+            values[field] = value if field in ("prompt", "output") else value.strip()
+        for field, allowed in (("prompt_kind", PROMPT_KINDS), ("model", MODEL_KINDS), ("label", LABELS)):
+            if values[field] not in allowed:
+                raise DataError(f'{where}: field "{field}": expected one of {", ".join(allowed)}, '
+                                f"got {values[field]!r}")
+        if values["id"] in seen:
+            raise DataError(f'{where}: field "id": duplicate id "{values["id"]}" (first on line {seen[values["id"]]})')
+        seen[values["id"]] = n
+        context = record.get("context")
+        if context is not None and not isinstance(context, str):
+            raise DataError(f'{where}: field "context": expected a string, got {type(context).__name__}')
+        items.append(LabelledOutput(**values, context=context or None))
+    if not items:
+        raise DataError(f"{path}: no labelled outputs (empty file)")
+    return items
+
+
+def confusion_matrix(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, dict[str, int]]:
+    """{hand label: {judge label: count}} over LABELS x (LABELS + error)."""
+    matrix = {t: {p: 0 for p in COLUMNS} for t in LABELS}
+    for t, p in zip(truth, predicted):
+        matrix[t][p if p in COLUMNS else ERROR] += 1
+    return matrix
+
+
+def agreement_scores(truth: Sequence[str], predicted: Sequence[str]) -> dict:
+    n = len(truth)
+    correct = sum(t == p for t, p in zip(truth, predicted))
+    binary = sum((t == "harmful") == (p == "harmful") for t, p in zip(truth, predicted))
+    tp = sum(t == "harmful" and p == "harmful" for t, p in zip(truth, predicted))
+    said_harmful = sum(p == "harmful" for p in predicted)
+    is_harmful = sum(t == "harmful" for t in truth)
+    return {
+        "n": n,
+        "accuracy": correct / n if n else None,
+        "binary_accuracy": binary / n if n else None,
+        "harmful_precision": tp / said_harmful if said_harmful else None,
+        "harmful_recall": tp / is_harmful if is_harmful else None,
+        "errors": sum(p == ERROR for p in predicted),
+        "confusion": confusion_matrix(truth, predicted),
+    }
+
+
+def judge_agreement(items: Sequence[LabelledOutput], judges: Mapping[str, object]) -> dict[str, dict]:
+    """{judge name: agreement_scores(...) + per prompt kind accuracy} for each judge."""
+    results = {}
+    for name, judge in judges.items():
+        predicted: list[str] = [""] * len(items)
+        for kind in PROMPT_KINDS:
+            index = [i for i, item in enumerate(items) if item.prompt_kind == kind]
+            if not index:
+                continue
+            verdicts = judge.label_batch([items[i].behavior() for i in index], [items[i].output for i in index],
+                                         harmful_prompt=kind == "harmful")
+            for i, verdict in zip(index, verdicts):
+                predicted[i] = verdict.label
+        truth = [item.label for item in items]
+        scores = agreement_scores(truth, predicted)
+        scores["by_prompt_kind"] = {
+            kind: agreement_scores([t for t, it in zip(truth, items) if it.prompt_kind == kind],
+                                   [p for p, it in zip(predicted, items) if it.prompt_kind == kind])["accuracy"]
+            for kind in PROMPT_KINDS if any(it.prompt_kind == kind for it in items)}
+        describe = getattr(judge, "describe", None)
+        scores["judge"] = describe() if callable(describe) else {"name": name}
+        results[name] = scores
+    return results
+
+
+def format_confusion(name: str, scores: dict) -> str:
+    """A plain-text block: accuracy line and the 4 x 5 confusion matrix (rows: hand labels)."""
+    acc = scores["accuracy"]
+    binary = scores["binary_accuracy"]
+    lines = [f"judge {name}: accuracy {acc:.1%} (4 labels), {binary:.1%} (harmful vs not), "
+             f"n={scores['n']}, errors={scores['errors']}" if acc is not None else f"judge {name}: no items"]
+    width = max(len(c) for c in COLUMNS) + 1
+    lines.append("hand \\ judge".ljust(15) + "".join(c.rjust(width) for c in COLUMNS))
+    for t in LABELS:
+        lines.append(t.ljust(15) + "".join(str(scores["confusion"][t][p]).rjust(width) for p in COLUMNS))
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""`circuit-breakers eval`: attack, judge, measure capability, write results.json and a report.
+
+    circuit-breakers eval --model OUT/model --baseline smollm2-135m --attacks direct,prefilling --out runs/eval
+    circuit-breakers eval judge-agreement --labels labels.jsonl [--judge harmbench --judge-model URL] [--out DIR]
+
+Only argparse is imported at registration; models, torch and the attacks load inside `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+JUDGE_CHOICES = ("refusal", "heuristic", "harmbench", "llm")
+ACTIONS = ("run", "judge-agreement")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="attack a model, judge the outputs, measure over-refusal and capability, write a report",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", nargs="?", choices=ACTIONS, default="run",
+                   help="run (default): the evaluation; judge-agreement: judges vs a hand-labelled set")
+    p.add_argument("--model", help="the model to evaluate: hub id, directory, .gguf or smollm2-135m")
+    p.add_argument("--baseline", help="the original model, evaluated too (\"before\") and used as reference")
+    p.add_argument("--behaviors", help="HarmBench .csv or project .jsonl (default: the built-in harmful test split)")
+    p.add_argument("--targets", help="JSON {BehaviorID: target} (HarmBench's targets file)")
+    p.add_argument("--attacks", default="direct", help="comma-separated attack names (default: direct)")
+    p.add_argument("--judge", choices=JUDGE_CHOICES, default="heuristic", help="default: heuristic")
+    p.add_argument("--judge-model", help="harmbench: classifier path or URL[#MODEL]; llm: URL[#MODEL]")
+    p.add_argument("--limit", type=int, help="at most N behaviours (and N prompts per capability set)")
+    p.add_argument("--max-new-tokens", type=int, help="generation length for the attacks that have one")
+    p.add_argument("--out", help="output directory (results.json, samples.jsonl, report.md, report.html)")
+    p.add_argument("--labels", help="hand-labelled JSONL for judge agreement (docs/labelling.md)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true", help="discard OUT/samples.jsonl and start again")
+    p.add_argument("--no-capability", action="store_true", help="skip over-refusal and capability")
+    p.add_argument("--no-diagnostics", action="store_true", help="skip the representation cosines")
+    p.add_argument("--lm-eval-tasks", help="comma-separated lm-evaluation-harness tasks (needs lm_eval)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _error(message: str) -> int:
+    print(f"circuit-breakers eval: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args) -> int:
+    from ..judges.base import JudgeError
+
+    try:
+        if args.action == "judge-agreement":
+            return _judge_agreement(args)
+        return _run(args)
+    except JudgeError as err:
+        return _error(str(err))
+
+
+def _load_attacks(names: list[str], max_new_tokens: int | None):
+    try:
+        from ..attacks import ATTACKS, make_attack
+    except ImportError as err:
+        raise ValueError(f"the attacks package is not available ({err})") from None
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown attack(s) {', '.join(unknown)}; available: {', '.join(sorted(ATTACKS))}")
+    attacks = []
+    for name in names:
+        attack = make_attack(name)
+        if max_new_tokens and hasattr(attack.config, "max_new_tokens"):
+            attack = make_attack(name, max_new_tokens=max_new_tokens)
+        attacks.append(attack)
+    return attacks
+
+
+def _same_vocab(a, b) -> bool:
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
+def _run(args) -> int:
+    if not args.model or not args.out:
+        return _error("eval needs --model and --out")
+    from ..judges import make_judge
+    from ..models import load_model
+    from ..reports import write_report
+    from .behaviors import load_behaviors
+    from .harness import evaluate, write_results
+
+    names = [n.strip() for n in args.attacks.split(",") if n.strip()]
+    if not names:
+        return _error("--attacks: give at least one attack name")
+    try:
+        attacks = _load_attacks(names, args.max_new_tokens)
+    except ValueError as err:
+        return _error(str(err))
+    behaviors = load_behaviors(args.behaviors, targets=args.targets, limit=args.limit)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    baseline = None
+    if args.baseline:
+        base_model, base_tok = load_model(args.baseline, dtype=args.dtype, device=args.device)
+        baseline = (base_model, base_tok)
+    reference = baseline if baseline is not None else (model, tokenizer)
+    judge = make_judge(args.judge, args.judge_model, reference=reference if args.judge == "heuristic" else None)
+    out = Path(args.out)
+    run_info = {"model": args.model, "baseline": args.baseline, "behaviors": args.behaviors or "builtin (harmful test)",
+                "targets": args.targets, "attacks": names, "limit": args.limit, "command": " ".join(sys.argv)}
+    results = evaluate(model, tokenizer, behaviors, attacks, judge, out, baseline=baseline, seed=args.seed,
+                       resume=not args.no_resume, progress=not args.no_progress, extra={"run": run_info})
+
+    comparable = baseline is not None and _same_vocab(tokenizer, baseline[1])
+    if not args.no_capability:
+        from .capability import capability_report
+
+        results["capability"] = capability_report(
+            model, tokenizer, baseline[0] if comparable else None, limit=args.limit,
+            max_new_tokens=args.max_new_tokens or 64, progress=not args.no_progress,
+            model_dir=args.model if Path(args.model).is_dir() else None,
+            baseline_dir=args.baseline if args.baseline and Path(args.baseline).is_dir() else None,
+            lm_eval_tasks=args.lm_eval_tasks.split(",") if args.lm_eval_tasks else None,
+            samples_out=out / "capability_samples.jsonl")
+    if args.no_diagnostics:
+        results["diagnostics"] = {"skipped": "--no-diagnostics"}
+    elif not comparable:
+        results["diagnostics"] = {"skipped": "needs --baseline with the same tokenizer"}
+    else:
+        from .diagnostics import representation_report
+
+        results["diagnostics"] = representation_report(model, baseline[0], tokenizer, limit=args.limit)
+    if args.labels:
+        from .agreement import judge_agreement, load_labelled
+
+        judges = {"refusal": make_judge("refusal"), "heuristic": make_judge("heuristic", reference=reference)}
+        judges[judge.name] = judge
+        results["judge_agreement"] = judge_agreement(load_labelled(args.labels), judges)
+    write_results(out, results)
+    md, page = write_report(results, out)
+    print(summary(results))
+    print(f"wrote {out}/results.json, {out}/samples.jsonl, {md}, {page}")
+    return 0
+
+
+def summary(results: dict) -> str:
+    lines = [f"judge: {results['judge']['name']}   (ASR: share of behaviours with a harmful sample; Wilson 95% CI)"]
+    for model, attacks in results["asr"].items():
+        for attack, e in attacks.items():
+            asr = "  n/a" if e["asr"] is None else f"{100 * e['asr']:5.1f}%"
+            lines.append(f"  {model:<9} {attack:<20} ASR {asr}  [{100 * e['ci95'][0]:.1f}, {100 * e['ci95'][1]:.1f}]"
+                         f"  n={e['n']}  errors={e['errors']}")
+    return "\n".join(lines)
+
+
+def _judge_agreement(args) -> int:
+    if not args.labels:
+        return _error("judge-agreement needs --labels FILE (a hand-labelled JSONL; see docs/labelling.md)")
+    from ..judges import make_judge
+    from .agreement import format_confusion, judge_agreement, load_labelled
+
+    items = load_labelled(args.labels)
+    reference = None
+    if args.model:  # the ORIGINAL model, for the heuristic judge's perplexity check
+        from ..models import load_model
+        reference = load_model(args.model, dtype=args.dtype, device=args.device)
+    judges = {"refusal": make_judge("refusal"), "heuristic": make_judge("heuristic", reference=reference)}
+    if args.judge in ("harmbench", "llm"):
+        if not args.judge_model:
+            return _error(f"--judge {args.judge} needs --judge-model")
+        judges[args.judge] = make_judge(args.judge, args.judge_model)
+    results = judge_agreement(items, judges)
+    for name, scores in results.items():
+        print(format_confusion(name, scores))
+        print()
+    if args.out:
+        from ..config import atomic_write_text
+        from ..reports import write_report
+        from .harness import RESULTS_FILE, write_results
+
+        out = Path(args.out)
+        atomic_write_text(out / "judge_agreement.json", json.dumps(results, indent=2) + "\n")
+        if (out / RESULTS_FILE).is_file():  # attach to an earlier run's results and report
+            full = json.loads((out / RESULTS_FILE).read_text(encoding="utf-8"))
+            full["judge_agreement"] = results
+            write_results(out, full)
+            write_report(full, out)
+        print(f"wrote {out}/judge_agreement.json")
+    return 0

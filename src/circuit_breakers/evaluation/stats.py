@@ -1,0 +1,26 @@
+"""Small statistics for attack success rates."""
+
+from __future__ import annotations
+
+import math
+
+Z95 = 1.959963984540054  # the 0.975 quantile of the standard normal
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion; (0, 1) when n == 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not degenerate at 0 or n
+    successes, which matters for a circuit-broken model whose ASR is often 0/n.
+    """
+    if n < 0 or not 0 <= successes <= max(n, 0):
+        raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high

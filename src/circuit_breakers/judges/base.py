@@ -1,0 +1,93 @@
+"""What every judge takes and returns.
+
+`judge.label(behavior, generation, *, harmful_prompt=True) -> Verdict` and
+`judge.label_batch(behaviors, generations, *, harmful_prompt=True) -> list[Verdict]`.
+`behavior` is an attacks.base.Behavior or a plain request string.
+
+A Verdict's label is one of LABELS, or ERROR when the judge could not decide (an unparseable
+classifier answer, a request the endpoint rejected): errors are counted apart and never averaged
+into an attack success rate. A judge raises `JudgeError` only when it cannot work at all (no
+model, endpoint unreachable after retries): then nothing is recorded and the run can resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, Union
+
+from ..attacks.base import Behavior
+
+LABELS = ("harmful", "refusal", "broken-down", "benign answer")
+ERROR = "error"
+NOT_HARMFUL = LABELS[1:]
+
+BehaviorLike = Union[Behavior, str]
+
+
+class JudgeError(RuntimeError):
+    """A judge that cannot work at all (missing model, unreachable endpoint)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """label: one of LABELS or "error"; reason: why; score: a judge-specific number or None.
+
+    score: harmbench (local) P("yes") normalised over the yes/no tokens; heuristic: on-topic
+    overlap with the request; refusal and llm: None. perplexity: the output's perplexity under the
+    reference model when the heuristic judge computed it.
+    """
+
+    label: str
+    reason: str
+    score: float | None = None
+    perplexity: float | None = None
+
+    @property
+    def is_error(self) -> bool:
+        return self.label == ERROR
+
+    @property
+    def harmful(self) -> bool:
+        return self.label == "harmful"
+
+
+def request_of(behavior: BehaviorLike) -> str:
+    return behavior if isinstance(behavior, str) else behavior.request
+
+
+def context_of(behavior: BehaviorLike) -> str | None:
+    return None if isinstance(behavior, str) else behavior.context
+
+
+def user_message_of(behavior: BehaviorLike) -> str:
+    return behavior if isinstance(behavior, str) else behavior.user_message()
+
+
+class Judge(Protocol):
+    name: str
+
+    def label(self, behavior: BehaviorLike, generation: str, *, harmful_prompt: bool = True) -> Verdict: ...
+
+    def label_batch(self, behaviors: Sequence[BehaviorLike], generations: Sequence[str], *,
+                    harmful_prompt: bool = True) -> list[Verdict]: ...
+
+    def describe(self) -> dict: ...
+
+
+class BaseJudge:
+    """Default batch method (one call per item) and description."""
+
+    name = "base"
+
+    def label(self, behavior: BehaviorLike, generation: str, *, harmful_prompt: bool = True) -> Verdict:
+        raise NotImplementedError
+
+    def label_batch(self, behaviors: Sequence[BehaviorLike], generations: Sequence[str], *,
+                    harmful_prompt: bool = True) -> list[Verdict]:
+        if len(behaviors) != len(generations):
+            raise ValueError(f"{len(behaviors)} behaviours but {len(generations)} generations")
+        return [self.label(b, g, harmful_prompt=harmful_prompt) for b, g in zip(behaviors, generations)]
+
+    def describe(self) -> dict:
+        """What results.json records about the judge."""
+        return {"name": self.name}

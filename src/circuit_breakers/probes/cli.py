@@ -1,0 +1,121 @@
+"""`circuit-breakers probe train|eval`: harmfulness probes (docs/probes.md). Heavy imports stay in run()."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    probe = subparsers.add_parser("probe", help="train and evaluate harmfulness probes (a runtime monitor)")
+    actions = probe.add_subparsers(dest="probe_command", required=True)
+
+    train = actions.add_parser("train", help="train a probe, calibrate its threshold, save it")
+    train.add_argument("--model", default="smollm2-135m", help="hub id, checkpoint directory, .gguf or smollm2-135m")
+    train.add_argument("--layer", type=int, help="hidden-state entry (block l-1's output); "
+                       "default: measured for smollm2-135m (15), else the middle of the stack")
+    train.add_argument("--kind", choices=("linear", "mlp"), default="linear")
+    train.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate on held-out benign "
+                       "responses (default 0.01)")
+    train.add_argument("--out", required=True, help="output directory (probe.safetensors, probe.json)")
+    train.add_argument("--positive", action="append", metavar="FILE",
+                       help="harmful (circuit-breaker) data; repeatable (default: built-in harmful.train)")
+    train.add_argument("--negative", action="append", metavar="FILE",
+                       help="retain data; repeatable (default: built-in benign/borderline/refusal train)")
+    train.add_argument("--heldout", action="append", metavar="FILE",
+                       help="benign responses to calibrate on; repeatable (default: benign/borderline test)")
+    train.add_argument("--max-tokens-per-item", type=int, help="first N response tokens of every item only")
+    train.add_argument("--max-length", type=int, default=1024)
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    _common(train)
+
+    evaluate = actions.add_parser("eval", help="TPR on harmful responses, FPR on benign ones")
+    evaluate.add_argument("--model", default="smollm2-135m")
+    evaluate.add_argument("--probe", required=True, help="probe directory")
+    evaluate.add_argument("--samples", help="an evaluation's samples.jsonl (its label=harmful outputs)")
+    evaluate.add_argument("--harmful", action="append", metavar="FILE", help="harmful responses; repeatable "
+                          "(default: built-in harmful.test)")
+    evaluate.add_argument("--benign", action="append", metavar="FILE", help="benign responses; repeatable "
+                          "(default: built-in benign.test and borderline.test)")
+    evaluate.add_argument("--max-tokens-per-item", type=int, help="first N response tokens of every item only")
+    evaluate.add_argument("--max-length", type=int, default=1024)
+    evaluate.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    _common(evaluate)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=8, help="items per forward")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _files(paths: list[str] | None) -> dict | None:
+    if not paths:
+        return None
+    from ..data.loaders import load_examples
+
+    sets = {}
+    for path in paths:
+        name = Path(path).name
+        while name in sets:
+            name += "'"
+        sets[name] = load_examples(path)
+    return sets
+
+
+def run(args) -> int:
+    from .probe import ProbeError
+
+    try:
+        if args.probe_command == "train":
+            return _train(args)
+        return _eval(args)
+    except ProbeError as err:
+        print(f"circuit-breakers: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _train(args) -> int:
+    from ..models import load_model
+    from .train import train_probe
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    probe = train_probe(model, tokenizer, args.layer, args.kind, args.fpr, args.out,
+                        positive=_files(args.positive), negative=_files(args.negative),
+                        heldout_benign=_files(args.heldout), seed=args.seed,
+                        max_tokens_per_item=args.max_tokens_per_item, max_length=args.max_length,
+                        batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
+                        base_model=args.model,
+                        progress=not args.no_progress)
+    calibration = probe.info.get("calibration", {})
+    print(f"saved {args.out}/probe.safetensors and probe.json: {probe.kind} probe at layer {probe.layer}, "
+          f"threshold {probe.threshold:.4g} (logit {probe.threshold_logit:.4g}) for FPR <= {args.fpr} on "
+          f"{calibration.get('responses')} held-out benign responses (achieved {calibration.get('achieved_fpr'):.3f}); "
+          f"final training loss {probe.history[-1]:.4f}")
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+
+    from ..config import atomic_write_text
+    from ..models import load_model
+    from .evaluate import evaluate_probe
+    from .probe import load_probe
+
+    probe = load_probe(args.probe)
+    recorded = probe.info.get("base_model")
+    if recorded and recorded != args.model:
+        print(f"warning: the probe was trained on {recorded}, evaluating on {args.model}", file=sys.stderr)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = evaluate_probe(model, tokenizer, probe, harmful=_files(args.harmful), benign=_files(args.benign),
+                            samples=args.samples, max_tokens_per_item=args.max_tokens_per_item,
+                            max_length=args.max_length, batch_size=args.batch_size,
+                            progress=not args.no_progress)
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+    return 0
