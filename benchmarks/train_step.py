@@ -206,12 +206,15 @@ class ReferenceStep:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
 
-    def _batches(self, cb_indices, retain_indices):
-        cb = reference_cb_batch([self.cb_items[i] for i in cb_indices], self.half)
-        retain = collate([self.retain_items[i] for i in retain_indices], PAD_ID, pad_to=self.retain_length,
-                         padding_side="left")
-        move = lambda b: {k: b[k].to(self.device) for k in ("input_ids", "attention_mask")}  # noqa: E731
-        return move(cb), move(retain)
+    def _move(self, batch):
+        return {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+    def _cb_batch(self, indices):
+        return self._move(reference_cb_batch([self.cb_items[i] for i in indices], self.half))
+
+    def _retain_batch(self, indices):
+        return self._move(collate([self.retain_items[i] for i in indices], PAD_ID, pad_to=self.retain_length,
+                                  padding_side="left"))
 
     def _hidden_states(self, batch):
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -220,10 +223,10 @@ class ReferenceStep:
         del out  # the logits are discarded, as in the reference
         return states
 
-    def step(self, step: int, cb_indices, retain_indices) -> dict:
+    def _loss(self, step: int, cb, retain) -> tuple[torch.Tensor, dict]:
+        """The reference's compute_loss: its hidden states are freed when it returns, before backward."""
         config, model, layers = self.config, self.model, self.target_layers
         c_s, c_r = losses.rr_coefficients(step, config.alpha, config.denominator)
-        cb, retain = self._batches(cb_indices, retain_indices)
         with model.disable_adapter():
             model.eval()
             with torch.no_grad():
@@ -241,21 +244,26 @@ class ReferenceStep:
             retain_loss = losses.retain_loss(lora_retain, orig_retain, retain["attention_mask"], entries,
                                              normalization="reference", reference_length=self.retain_length)
             loss = loss + c_r * retain_loss
-            record["retain_loss"] = retain_loss
+            record["retain_loss"] = retain_loss.detach()
         if c_s > 0:
             states = self._hidden_states(cb)
             rerouting = losses.rerouting_loss({l: states[l] for l in layers}, orig_cb, cb["attention_mask"], layers)
             loss = loss + c_s * rerouting
-            record["rerouting_loss"] = rerouting
+            record["rerouting_loss"] = rerouting.detach()
+        return loss, record
+
+    def step(self, step: int, cb_indices, retain_indices) -> dict:
+        loss, record = self._loss(step, self._cb_batch(cb_indices), self._retain_batch(retain_indices))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
+        del loss
+        torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {k: (float(v.detach()) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+        return {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
 
     def validation(self, retain_indices) -> None:
         """The reference's every-10th-step validation: orig and LoRA no-grad forwards of a padded batch."""
-        _, batch = self._batches(retain_indices[:1], retain_indices)
+        batch = self._retain_batch(retain_indices)
         with torch.no_grad():
             with self.model.disable_adapter():
                 self.model.eval()
@@ -287,6 +295,15 @@ def _release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+MEMORY_METHOD = {
+    "cuda": ("per step: torch.cuda.max_memory_allocated minus what was allocated before the step, plus the "
+             "variant's own weights and optimizer state (the other variant's model, also resident, not counted)"),
+    "cpu": ("per step: growth of the process's peak RSS during the step (VmHWM reset through /proc/self/clear_refs "
+            "after malloc_trim) plus the variant's own weights and optimizer state; approximate, the allocator "
+            "may keep freed memory resident"),
+}
 
 
 class MemoryProbe:
@@ -367,6 +384,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-b-std", type=float, default=1e-2, help="std of the random LoRA B matrices (0: zero B)")
     parser.add_argument("--group-by-length", action="store_true",
                         help="draw both variants' batches with the trainer's length grouping (default: random batches)")
+    parser.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
+                        help="both variants; auto: on for cuda (as the reference), off on cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own); 1 avoids spin-waiting on a busy machine")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -410,7 +429,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     else:
         schedule = [(list(range(k * args.batch_size, (k + 1) * args.batch_size)),) * 2 for k in range(n_steps)]
 
-    checkpointing = device.type == "cuda"  # as the reference (on) and the trainer's "auto"
+    checkpointing = (device.type == "cuda" if args.gradient_checkpointing == "auto"  # as the trainer's "auto"
+                     else args.gradient_checkpointing == "on")
     config = RRConfig(model="bench", target_layers=layers, batch_size=args.batch_size, lora_dropout=args.lora_dropout,
                       dtype=args.dtype, device=args.device, full_layers=False, reference_length=retain_length,
                       retain_normalization="reference", gradient_checkpointing="true" if checkpointing else "false",
@@ -509,7 +529,8 @@ def benchmark(args: argparse.Namespace) -> dict:
                                    "of their time added to each step)",
                      "setup_s": setup_s},
         "flop_formula": FLOP_FORMULA,
-        "memory_method": MemoryProbe.__doc__.split("\n\n")[1].replace("\n   ", "").replace("  ", " ").strip(),
+        "memory_method": MEMORY_METHOD[device.type] if device.type == "cuda" or probe.cpu_peak_reset
+                         else "cpu: per-step peak unavailable (/proc/self/clear_refs not writable)",
         "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
         "rows": [{k: v for k, v in row.items()} for row in rows],
         "ratios_trainer_over_reference": ratios,
@@ -560,7 +581,7 @@ def format_table(result: dict) -> str:
     else:
         lines.append("loss agreement not checked (LoRA dropout > 0 draws different masks in each variant)")
     lines += [f"FLOPs: {result['flop_formula']}",
-              f"memory: {result['memory_method']} Process peak RSS {result['process_peak_rss_gib']:.2f} GiB "
+              f"memory: {result['memory_method']}. Process peak RSS {result['process_peak_rss_gib']:.2f} GiB "
               "(process-wide, both variants).",
               f"the reference step time includes {s['validation']}."]
     return "\n".join(lines)

@@ -13,7 +13,7 @@ def _blobs(n=400, dim=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     y = (torch.arange(n) % 4 == 0).float()  # imbalanced: a quarter positive
     X = torch.randn(n, dim, generator=g) * 3 + 50  # offset and scale: the standardiser must cope
-    X[:, :4] += torch.where(y[:, None] == 1, 4.0, -4.0)
+    X[:, :8] += torch.where(y[:, None] == 1, 6.0, -6.0)
     return X, y
 
 

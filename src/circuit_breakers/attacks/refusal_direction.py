@@ -17,8 +17,8 @@ Two modes, two registry names:
 
 * `refusal_ablation` (Arditi et al.): the direction r (from `layer`) is projected out of the
   residual stream everywhere: h <- h - (h . r) r at the embeddings and at every block's output
-  (forward pre-hooks on every block, plus a forward hook on the last block before the final norm),
-  at every position, prompt and generated tokens. 33.75% HarmBench ASR on the released Llama RR
+  at every position, prompt and generated tokens (a forward pre-hook on block 0 and a forward hook
+  on every block). 33.75% HarmBench ASR on the released Llama RR
   model in the literature (80% on the original).
 * `refusal_addition` (activation addition; the paper's "RepE attack" adds a harmfulness reading
   vector to 10 upper-middle layers with coefficient 1.0 for Llama / 0.65 for Mistral): adds
@@ -122,27 +122,28 @@ def difference_of_means(model, tokenizer, harmful: Sequence[str], harmless: Sequ
     return {e: h[e] - b[e] for e in entries}
 
 
-def _edit_hooks(arch, edits: dict[int, callable]) -> list:
-    """Register hooks that apply edits[entry](hidden) to hidden-state entry `entry` (0..num_blocks)."""
+def _edit_hooks(arch, edits: dict) -> list:
+    """Hooks applying edits[entry](hidden) to hidden-state entry `entry` (0..num_blocks): a forward
+    pre-hook on block 0 for the embeddings, a forward hook on block entry-1's output otherwise."""
     n = arch.num_blocks
     handles = []
     for entry, edit in edits.items():
         if not 0 <= entry <= n:
             raise ValueError(f"hidden-state entry {entry} outside 0..{n}")
-        if entry < n:
+        if entry == 0:
             def pre_hook(module, args, kwargs, edit=edit):
                 if args:
                     return (edit(args[0]),) + tuple(args[1:]), kwargs
                 kwargs = dict(kwargs)
                 kwargs["hidden_states"] = edit(kwargs["hidden_states"])
                 return args, kwargs
-            handles.append(arch.blocks[entry].register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(arch.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
         else:
             def hook(module, args, output, edit=edit):
                 if isinstance(output, (tuple, list)):
                     return (edit(output[0]),) + tuple(output[1:])
                 return edit(output)
-            handles.append(arch.blocks[n - 1].register_forward_hook(hook))
+            handles.append(arch.blocks[entry - 1].register_forward_hook(hook))
     return handles
 
 

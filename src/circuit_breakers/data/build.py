@@ -48,8 +48,10 @@ def build_sets(model, tokenizer, out_dir: str | Path, *, model_name: str, max_ne
             counts[f"{name}.{split}"] = len(kept)
     manifest = {"model": model_name, "max_new_tokens": max_new_tokens, "decoding": "greedy",
                 "seed": seed, "counts": counts, "seconds": round(time.time() - started, 1),
-                "command": f"circuit-breakers data build --model {model_name} --out {out_dir}"
-                           f" --max-new-tokens {max_new_tokens}"}
+                # --out is where this manifest lies; the package's data/generated/<model> by default.
+                "command": f"circuit-breakers data build --model {model_name}"
+                           f" --max-new-tokens {max_new_tokens} --batch-size {batch_size}"
+                           + (f" --limit {limit}" if limit else "")}
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 

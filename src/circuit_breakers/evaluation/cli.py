@@ -61,8 +61,10 @@ def run(args) -> int:
 
 
 def _load_attacks(names: list[str], max_new_tokens: int | None):
+    """Attacks by registry name; --max-new-tokens goes to those whose config has the field.
+    PAIR's judge-in-the-loop is set by `evaluate` (the run's judge)."""
     try:
-        from ..attacks import ATTACKS, make_attack
+        from ..attacks import ATTACKS, config_fields, make_attack
     except ImportError as err:
         raise ValueError(f"the attacks package is not available ({err})") from None
     unknown = [n for n in names if n not in ATTACKS]
@@ -70,10 +72,8 @@ def _load_attacks(names: list[str], max_new_tokens: int | None):
         raise ValueError(f"unknown attack(s) {', '.join(unknown)}; available: {', '.join(sorted(ATTACKS))}")
     attacks = []
     for name in names:
-        attack = make_attack(name)
-        if max_new_tokens and hasattr(attack.config, "max_new_tokens"):
-            attack = make_attack(name, max_new_tokens=max_new_tokens)
-        attacks.append(attack)
+        budget = {"max_new_tokens": max_new_tokens} if max_new_tokens and "max_new_tokens" in config_fields(name) else {}
+        attacks.append(make_attack(name, **budget))
     return attacks
 
 

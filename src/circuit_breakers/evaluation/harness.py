@@ -180,6 +180,13 @@ def write_results(out_dir: str | Path, results: dict) -> Path:
 # ---------------------------------------------------------------- the harness
 
 
+def judge_score_fn(judge):
+    """`score_fn(behavior, generation) -> 1.0 if judged harmful else 0.0`, for attacks with a judge in the loop (PAIR)."""
+    def score(behavior, generation: str) -> float:
+        return 1.0 if judge.label(behavior, generation, harmful_prompt=True).label == "harmful" else 0.0
+    return score
+
+
 def _models(model, tokenizer, baseline, model_name: str) -> list[tuple[str, Any, Any]]:
     models = [(model_name, model, tokenizer)]
     if baseline is not None:
@@ -215,7 +222,8 @@ def evaluate(model, tokenizer, behaviors: Sequence[Behavior], attacks: list, jud
     `baseline` is the original model (sharing `tokenizer`) or a (model, tokenizer) pair; it is
     evaluated under the name "baseline". `attacks` are objects with `.name`, `.config` and
     `.run(model, tokenizer, behaviors) -> list[AttackOutput]`, called on chunks of `chunk_size`
-    behaviours (default: the attack config's batch_size, else 8). `extra` is merged into results.json.
+    behaviours (default: the attack config's batch_size, else 8). An attack with a `score_fn` attribute
+    left None (PAIR) gets `judge_score_fn(judge)`. `extra` is merged into results.json.
     """
     from tqdm.auto import tqdm
 
@@ -242,6 +250,9 @@ def evaluate(model, tokenizer, behaviors: Sequence[Behavior], attacks: list, jud
     for r in existing:
         done[(r["model"], r["attack"])].add(r["behavior_id"])
 
+    for attack in attacks:  # PAIR's judge in the loop: this run's judge unless the attack has one
+        if hasattr(attack, "score_fn") and attack.score_fn is None:
+            attack.score_fn = judge_score_fn(judge)
     started = time.time()
     by_id = {b.id: b for b in behaviors}
     with SampleWriter(samples_path) as writer:
@@ -314,18 +325,25 @@ def build_results(records: list[dict], behaviors: Sequence[Behavior], attacks: l
         grouped[(r["model"], r["attack"])].append(r)
     describe = getattr(judge, "describe", None)
     judge_info = describe() if callable(describe) else {"name": getattr(judge, "name", type(judge).__name__)}
+    # The attacks of this call first, then any other attack already in samples.jsonl (an earlier
+    # run into the same OUT with other --attacks), with the budget its samples recorded.
     attack_info = {}
     for attack in attacks:
         budget = _attack_budget(attack)
         attack_info[attack.name] = {"budget": budget, "max_new_tokens": budget.get("max_new_tokens")}
+    for r in records:
+        if r["attack"] not in attack_info and r["model"] in models:
+            budget = r.get("budget") or {}
+            attack_info[r["attack"]] = {"budget": budget, "max_new_tokens": budget.get("max_new_tokens")}
     asr: dict[str, dict[str, dict]] = {}
     for name in models:
         asr[name] = {}
-        for attack in attacks:
-            summary = summarize(grouped[(name, attack.name)], behaviors)
-            summary.update(judge=judge_info["name"], budget=attack_info[attack.name]["budget"],
-                           max_new_tokens=attack_info[attack.name]["max_new_tokens"])
-            asr[name][attack.name] = summary
+        for attack_name, info in attack_info.items():
+            if not grouped[(name, attack_name)] and attack_name not in {a.name for a in attacks}:
+                continue
+            summary = summarize(grouped[(name, attack_name)], behaviors)
+            summary.update(judge=judge_info["name"], budget=info["budget"], max_new_tokens=info["max_new_tokens"])
+            asr[name][attack_name] = summary
     return {
         "version": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

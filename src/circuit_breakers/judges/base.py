@@ -13,15 +13,16 @@ model, endpoint unreachable after retries): then nothing is recorded and the run
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Protocol, Sequence, Union
 
-from ..attacks.base import Behavior
+if TYPE_CHECKING:  # no runtime import: attacks (PAIR) may import judges
+    from ..attacks.base import Behavior
 
 LABELS = ("harmful", "refusal", "broken-down", "benign answer")
 ERROR = "error"
 NOT_HARMFUL = LABELS[1:]
 
-BehaviorLike = Union[Behavior, str]
+BehaviorLike = Union["Behavior", str]  # anything with .request, .context and .user_message(), or a str
 
 
 class JudgeError(RuntimeError):

@@ -81,8 +81,11 @@ def run(args) -> int:
 
 def _train(args) -> int:
     from ..models import load_model
+    from .probe import ProbeError
     from .train import train_probe
 
+    if not 0.0 <= args.fpr < 1.0:
+        raise ProbeError(f"--fpr must be in [0, 1), got {args.fpr}")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     probe = train_probe(model, tokenizer, args.layer, args.kind, args.fpr, args.out,
                         positive=_files(args.positive), negative=_files(args.negative),

@@ -335,11 +335,12 @@ def _score_last_token(monitor: ProbeMonitor, sequences: torch.Tensor, prompt_mas
 @torch.no_grad()
 def monitored_stream(model, tokenizer, conversation_or_prompt, probe: Probe, *, max_new_tokens: int = 128,
                      refusal: str = DEFAULT_REFUSAL, score_prompt: bool = False, prefill: str = "",
-                     layer: int | None = None) -> Iterator:
+                     layer: int | None = None, min_new_tokens: int = 0) -> Iterator:
     """Greedy decoding with a KV cache: yields `(token_text, score)` per token once scored, then the record.
 
     A token is yielded only after its own score is known, so a tripping token is never shown; the
-    final item is a `MonitoredGeneration` (its `text` is the refusal when tripped). The hook is
+    final item is a `MonitoredGeneration` (its `text` is the refusal when tripped). As in `generate`,
+    `min_new_tokens` holds off the end tokens until that many tokens were generated. The hook is
     attached for each forward only, so an abandoned iterator leaves no hook behind.
     """
     monitor = ProbeMonitor(model, probe, layer=layer, score_prompt=score_prompt)
@@ -360,8 +361,16 @@ def monitored_stream(model, tokenizer, conversation_or_prompt, probe: Probe, *, 
     if bool(monitor.update(ids)[0]):
         yield finish()
         return
+    eos = sorted(monitor.eos)
+
+    def greedy(logits: torch.Tensor) -> int:
+        if len(generated) < min_new_tokens and eos:
+            logits = logits.clone()
+            logits[eos] = -torch.inf
+        return int(logits.argmax())
+
     past = _output_cache(out)
-    next_id = int(out.logits[0, -1].argmax())
+    next_id = greedy(out.logits[0, -1])
     for step in range(max_new_tokens):
         if next_id in monitor.eos:
             break
@@ -387,5 +396,5 @@ def monitored_stream(model, tokenizer, conversation_or_prompt, probe: Probe, *, 
         if out is None:
             break
         past = _output_cache(out)
-        next_id = int(out.logits[0, -1].argmax())
+        next_id = greedy(out.logits[0, -1])
     yield finish()

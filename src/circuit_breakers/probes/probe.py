@@ -117,13 +117,15 @@ class Probe(nn.Module):
 
     @torch.no_grad()
     def logits(self, X: torch.Tensor, *, batch_size: int = 8192) -> torch.Tensor:
+        """One logit per row of X (on the CPU), computed on the probe's device."""
         was_training = self.training
         self.eval()
         try:
             X = torch.as_tensor(X)
             if X.shape[-1] != self.hidden_size:
                 raise ProbeError(f"features have {X.shape[-1]} channels, the probe expects {self.hidden_size}")
-            return torch.cat([self(X[i:i + batch_size]) for i in range(0, len(X), batch_size)]) \
+            device = self.mean.device
+            return torch.cat([self(X[i:i + batch_size].to(device)).cpu() for i in range(0, len(X), batch_size)]) \
                 if len(X) else torch.zeros(0)
         finally:
             self.train(was_training)

@@ -148,8 +148,7 @@ def create_app(model, tokenizer, *, model_name: str, probe=None, baseline=None, 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        await batcher.close()
-        tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        await batcher.close()  # a later start (another test client, a restarted server) gets a new worker
 
     app = FastAPI(title="circuit-breakers", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)

@@ -29,7 +29,7 @@ class BatchStats:
     batches: int = 0
     jobs: int = 0
     largest: int = 0
-    sizes: list[int] = field(default_factory=list)
+    sizes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))  # the latest
 
 
 class Batcher:

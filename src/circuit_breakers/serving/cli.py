@@ -67,13 +67,13 @@ def run(args) -> int:
     from .app import DEFAULT_REFUSAL, create_app
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    probe = None
-    if args.probe:
-        from ..probes.probe import load_probe
-        probe = load_probe(args.probe, device=str(next(model.parameters()).device))
     baseline = load_model(args.baseline, dtype=args.dtype, device=args.device) if args.baseline else None
     name = args.model_name or model_name_for(args.model)
     try:
+        probe = None
+        if args.probe:
+            from ..probes.probe import load_probe
+            probe = load_probe(args.probe, device=str(next(model.parameters()).device))
         app = create_app(model, tokenizer, model_name=name, probe=probe, baseline=baseline, api_key=api_key,
                          max_tokens_limit=args.max_tokens_limit, max_input_tokens=args.max_input_tokens,
                          batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,

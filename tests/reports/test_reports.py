@@ -1,0 +1,62 @@
+"""Reports: report.md with figure files and a self-contained report.html."""
+import re
+
+from circuit_breakers.reports import write_report
+
+
+def _entry(asr, n=10, errors=0):
+    return {"asr": asr, "ci95": [max(0.0, asr - 0.2), min(1.0, asr + 0.2)], "n": n, "broken": int(asr * n),
+            "errors": errors, "judge": "heuristic", "budget": {"max_new_tokens": 64, "batch_size": 16},
+            "samples_per_behavior": 1, "max_new_tokens": 64}
+
+
+def full_results():
+    return {
+        "version": 1, "seed": 0, "created": "2025-01-01T00:00:00", "judge": {"name": "heuristic"},
+        "behaviors": {"n": 10}, "run": {"model": "runs/demo/model", "baseline": "smollm2-135m"},
+        "asr": {"model": {"direct": _entry(0.1), "prefilling": _entry(0.2, errors=1)},
+                "baseline": {"direct": _entry(0.5), "prefilling": _entry(0.9)}},
+        "capability": {
+            "over_refusal": {m: {k: {"n": 5, "refusal_rate": 0.2, "broken_down_rate": 0.1, "not_answered_rate": 0.3,
+                                     "labels": {}} for k in ("borderline", "benign")} for m in ("model", "baseline")},
+            "agreement": {"exact_match": 0.4, "token_f1": 0.8, "n": 5},
+            "perplexity": {"model": {"perplexity": 5.0}, "baseline": {"perplexity": 4.5}},
+            "lm_eval": {"skipped": "lm_eval is not installed", "command": "lm_eval --model hf ..."}},
+        "diagnostics": {name: {"per_layer": {str(l): {"cosine": c - 0.1 * l, "norm_ratio": 1 + 0.2 * l}
+                                             for l in range(4)}, "mean_cosine": c, "items": 3, "tokens": "response"}
+                        for name, c in (("harmful", 0.5), ("benign", 1.0))},
+        "judge_agreement": {"heuristic": {"n": 7, "accuracy": 0.7, "binary_accuracy": 0.9, "harmful_precision": 0.5,
+                                          "harmful_recall": 1.0, "errors": 0,
+                                          "confusion": {t: {p: 1 for p in ("harmful", "refusal", "broken-down",
+                                                                             "benign answer", "error")}
+                                                        for t in ("harmful", "refusal", "broken-down", "benign answer")}}},
+    }
+
+
+def test_report_files_are_written_and_self_contained(tmp_path):
+    md, page = write_report(full_results(), tmp_path)
+    text = page.read_text()
+    assert text.count('src="data:image/png;base64,') == 3  # ASR, over-refusal, cosine
+    assert not re.search(r'(src|href)\s*=\s*"(https?:)?//', text)
+    assert "<script" not in text and "<link" not in text and "http://" not in text and "https://" not in text
+    assert "prefilling" in text and "50.0% [30.0, 70.0]" in text and "harmful vs not" in text
+    markdown = md.read_text()
+    for figure in re.findall(r"\]\((figures/[^)]+)\)", markdown):
+        assert (tmp_path / figure).stat().st_size > 1000
+    assert "| attack | judge | n | budget |" in markdown
+    assert "Agreement with hand labels: 70.0%" in markdown
+    assert "max_new_tokens=64" in markdown
+
+
+def test_report_from_a_results_file_with_missing_sections(tmp_path):
+    import json
+
+    results = full_results()
+    for key in ("capability", "diagnostics", "judge_agreement"):
+        results.pop(key)
+    results["asr"].pop("baseline")
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    md, page = write_report(tmp_path / "results.json")
+    text = md.read_text()
+    assert "not measured" in text and "No hand-labelled set given" in text
+    assert page.read_text().count("data:image/png;base64,") == 1

@@ -1,0 +1,30 @@
+"""benchmarks/load.py against its embedded tiny model: every request answered, figures written."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "load.py"
+
+
+def test_load_benchmark_tiny(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_load", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "load.json"
+    threads = torch.get_num_threads()
+    try:
+        code = bench.main(["--clients", "4", "--requests", "2", "--max-tokens", "4", "--threads", "1",
+                           "--batch-wait-ms", "50", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["requests_ok"] == 8 and result["errors"] == 0
+    assert result["latency_p50_s"] <= result["latency_p99_s"]
+    assert result["server_batches"] < 8  # concurrent clients were batched
+    assert "req/s" in capsys.readouterr().out
+    assert bench.percentile([1, 2, 3, 4], 50) == 2 and bench.percentile([1, 2, 3, 4], 99) == 4
