@@ -307,29 +307,35 @@ MEMORY_METHOD = {
 
 
 class MemoryProbe:
-    """Peak memory of one step: its resident bytes before the step plus what the step added at its peak.
-
-    cuda: torch.cuda.max_memory_allocated around the step, minus what was allocated before it (both
-    variants' weights live in the process; only the stepping variant's own weights and optimizer state are
-    added back). cpu: process RSS (VmHWM reset through /proc/self/clear_refs, after malloc_trim) growth
-    during the step, plus the variant's weights and optimizer state; approximate, since the allocator may
-    keep freed memory resident."""
+    """Peak memory of one step: the variant's resident bytes plus what the step added at its peak
+    (MEMORY_METHOD says how, per device). `process_peak` is the whole process's peak over the run (both
+    variants' models included): peak allocated on cuda, peak RSS (VmHWM) on cpu."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.process_peak = 0
         self.cpu_peak_reset = device.type == "cpu" and self._reset_hwm()
 
-    @staticmethod
-    def _reset_hwm() -> bool:
+    def _reset_hwm(self) -> bool:
+        self._note_process_peak()  # the reset forgets the peak so far (ru_maxrss too)
         try:
             Path("/proc/self/clear_refs").write_text("5")
             return _proc_status_kib("VmHWM") is not None
         except OSError:
             return False
 
+    def _note_process_peak(self) -> None:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            hwm = _proc_status_kib("VmHWM")
+            peak = hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.process_peak = max(self.process_peak, peak)
+
     def start(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            self._note_process_peak()
             self.before = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.cpu_peak_reset:
@@ -341,6 +347,7 @@ class MemoryProbe:
 
     def added(self) -> int | None:
         """Bytes the step added at its peak."""
+        self._note_process_peak()
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) - self.before
         if self.cpu_peak_reset:
@@ -531,7 +538,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "flop_formula": FLOP_FORMULA,
         "memory_method": MEMORY_METHOD[device.type] if device.type == "cuda" or probe.cpu_peak_reset
                          else "cpu: per-step peak unavailable (/proc/self/clear_refs not writable)",
-        "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+        "process_peak_memory_gib": probe.process_peak / GIB,
         "rows": [{k: v for k, v in row.items()} for row in rows],
         "ratios_trainer_over_reference": ratios,
         "loss_check": check,
@@ -581,8 +588,8 @@ def format_table(result: dict) -> str:
     else:
         lines.append("loss agreement not checked (LoRA dropout > 0 draws different masks in each variant)")
     lines += [f"FLOPs: {result['flop_formula']}",
-              f"memory: {result['memory_method']}. Process peak RSS {result['process_peak_rss_gib']:.2f} GiB "
-              "(process-wide, both variants).",
+              f"memory: {result['memory_method']}. Whole process, both variants' models included: peak "
+              f"{'allocated' if result['device'] == 'cuda' else 'RSS'} {result['process_peak_memory_gib']:.2f} GiB.",
               f"the reference step time includes {s['validation']}."]
     return "\n".join(lines)
 

@@ -45,7 +45,8 @@ def test_ablation_removes_the_direction_everywhere(tok, kind):
         assert float((ablated[entry] @ r).abs().max()) < 1e-5, entry
     assert float((last @ r).abs().max()) < 1e-5
     arch = find_architecture(model)
-    assert all(not b._forward_hooks and not b._forward_pre_hooks for b in arch.blocks)
+    assert all(not b._forward_pre_hooks for b in arch.blocks)
+    assert all(all("output_capturing" in h.__qualname__ for h in b._forward_hooks.values()) for b in arch.blocks)
 
 
 def test_addition_shifts_the_projection_by_the_coefficient(tok, llama):
@@ -79,15 +80,22 @@ def test_direction_is_the_difference_of_means(tok, llama):
         assert torch.allclose(d, last(harmful[0]) - last(harmless[0]), atol=1e-5)
 
 
+def _hook_ids(arch):
+    # transformers 5 installs its own permanent output-capturing hooks: compare, don't expect none.
+    return [(list(b._forward_hooks), list(b._forward_pre_hooks)) for b in arch.blocks]
+
+
 def test_attacks_run_record_budget_and_remove_hooks(tok, llama, behaviors):
     arch = find_architecture(llama)
+    llama(input_ids=torch.tensor([[5, 6]]), output_hidden_states=True)  # let transformers add its hooks first
+    hooks = _hook_ids(arch)
     abl_cfg = RefusalAblationConfig(n_prompts=4, max_new_tokens=2)
     add_cfg = RefusalAdditionConfig(n_prompts=4, max_new_tokens=2, layers=(1, 2), coefficient=0.65)
     for attack, cfg in ((RefusalAblation(abl_cfg), abl_cfg), (RefusalAddition(add_cfg), add_cfg)):
         outs = attack.run(llama, tok, behaviors)
         assert [o.behavior_id for o in outs] == ["plain", "ctx"]
         assert all(o.budget == budget_of(cfg) and len(o.generations) == 1 for o in outs)
-        assert all(not b._forward_hooks and not b._forward_pre_hooks for b in arch.blocks)
+        assert _hook_ids(arch) == hooks
     assert outs[0].extra["entries"] == [1, 2] and set(outs[0].extra["direction_norms"]) == {1, 2}
     assert outs[1].prompt.startswith(behaviors[1].context)
 

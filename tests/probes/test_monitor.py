@@ -55,13 +55,13 @@ def test_never_tripping_probe_leaves_greedy_output_unchanged_and_scores_every_to
                               pad_token_id=chat_tokenizer.pad_token_id)
     hidden = decoder_hidden_states(find_architecture(tiny_model), ids, torch.ones_like(ids), [LAYER])[LAYER]
     reference = probe.scores(hidden[0, len(prompt):len(prompt) + len(result.scores)])
-    assert torch.allclose(torch.tensor(result.scores), reference.double(), atol=1e-5)
+    assert torch.allclose(torch.tensor(result.scores, dtype=torch.float64), reference.double(), atol=1e-5)
     assert result.max_score == max(result.scores)
 
 
 def test_tripping_probe_halts_at_the_first_token(tiny_model, chat_tokenizer):
-    calls, handle = _count_forwards(tiny_model)
     before = _hooks(tiny_model)
+    calls, handle = _count_forwards(tiny_model)
     try:
         result = monitored_generate(tiny_model, chat_tokenizer, PROMPTS[0], _probe(bias=1e4), max_new_tokens=20)
     finally:
@@ -69,7 +69,7 @@ def test_tripping_probe_halts_at_the_first_token(tiny_model, chat_tokenizer):
     assert _hooks(tiny_model) == before
     assert result.tripped and result.tripped_on == "response" and result.token_index == 0
     assert result.text == DEFAULT_REFUSAL
-    assert len(result.scores) == len(result.tokens) == 1 and result.scores[0] == 1.0
+    assert len(result.scores) == len(result.tokens) == len(result.token_ids) == 1 and result.scores[0] == 1.0
     assert result.halted_text == result.tokens[0]
     assert len(calls) == 2  # the prompt, then the forward that scored token 0; nothing more
 
@@ -107,7 +107,8 @@ def test_batch_rows_stop_independently(tiny_model, chat_tokenizer):
     both = monitored_generate_batch(tiny_model, chat_tokenizer, PROMPTS, probe, max_new_tokens=12)
     first = next(i for i, s in enumerate(free[hi].scores) if s > cut)
     assert both[hi].tripped and both[hi].token_index == first and both[hi].text == DEFAULT_REFUSAL
-    assert both[hi].tokens == free[hi].tokens[:first + 1]
+    assert both[hi].token_ids == free[hi].token_ids[:first + 1]
+    assert both[hi].scores == free[hi].scores[:first + 1]
     assert both[lo] == free[lo] and not both[lo].tripped  # the other row ran on, unchanged
 
 

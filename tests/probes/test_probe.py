@@ -40,15 +40,15 @@ def test_fit_rejects_a_single_class():
 @pytest.mark.parametrize("fpr", [0.0, 0.01, 0.05, 0.1, 0.25, 0.5])
 def test_calibrated_threshold_keeps_per_response_fpr_under_target(fpr):
     g = torch.Generator().manual_seed(0)
-    scores = torch.rand(700, generator=g)
+    scores = torch.rand(700, generator=g, dtype=torch.float64)
     groups = torch.randint(0, 97, (700,), generator=g)
     threshold = calibrate_threshold(scores, fpr, groups=groups)
     achieved = false_positive_rate(scores, threshold, groups=groups)
     assert achieved <= fpr
     assert achieved > fpr - 2 / 97  # the threshold is not needlessly high
     # per-response maxima decide: one hot token trips the whole response
-    per_response = torch.zeros(97).scatter_reduce(0, groups, scores, reduce="amax")
-    assert math.isclose(achieved, float((per_response > threshold).float().mean()))
+    per_response = torch.zeros(97, dtype=torch.float64).scatter_reduce(0, groups, scores, reduce="amax")
+    assert math.isclose(achieved, float((per_response > threshold).double().mean()))
 
 
 def test_calibration_with_ties_and_saturated_scores():

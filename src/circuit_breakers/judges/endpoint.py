@@ -72,7 +72,7 @@ class Endpoint:
         if self.client is None:
             try:
                 import httpx
-            except ImportError as err:  # pragma: no cover - httpx ships with huggingface_hub
+            except ImportError as err:  # pragma: no cover - httpx is in the dev extra, not a core dependency
                 raise JudgeError("an endpoint judge needs httpx: pip install httpx") from err
             self.client = httpx.Client(timeout=self.timeout)
 

@@ -42,8 +42,9 @@ DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 class MonitoredGeneration:
     """One monitored completion.
 
-    `scores` (probabilities) and `tokens` (text pieces; `"".join(tokens)` is the generated text) cover
-    the scored response tokens: up to and including the tripping one. `token_index` is the index of
+    `scores` (probabilities), `tokens` (text pieces; `"".join(tokens)` is the generated text) and
+    `token_ids` cover the scored response tokens: up to and including the tripping one. A piece that
+    ends inside a multi-byte character is "" and the character comes with the next token. `token_index` is the index of
     the tripping token (None if none tripped, or if the prompt tripped: `tripped_on == "prompt"`).
     """
 
@@ -54,6 +55,7 @@ class MonitoredGeneration:
     scores: list[float] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
     halted_text: str | None = None
+    token_ids: list[int] = field(default_factory=list)
     tripped_on: str | None = None  # "response", "prompt" or None
     prompt_max_score: float | None = None
 
@@ -224,6 +226,7 @@ def _record(tokenizer, ids: list[int], logits: list[float], *, trip_index: int |
         scores=scores,
         tokens=_pieces(tokenizer, kept),
         halted_text=text if tripped else None,
+        token_ids=list(kept),
         tripped_on="prompt" if prompt_trip else ("response" if tripped else None),
         prompt_max_score=None if prompt_logit is None else sigmoid(prompt_logit),
     )
