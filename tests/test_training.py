@@ -239,6 +239,21 @@ def test_auto_lora_targets_are_the_papers_projections_or_every_linear_layer(chat
     assert resolve_lora_targets(find_architecture(gpt2), ["auto"]) == ["c_attn", "c_fc", "c_proj"]
 
 
+def test_gpt2_style_model_trains_and_saves_with_auto_lora_targets(tmp_path, chat_tokenizer):
+    """A GPT-2 layout (transformer.h, Conv1D projections) works with the defaults."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=len(chat_tokenizer),
+                                       n_positions=128)).eval()
+    trainer = _trainer(model, chat_tokenizer, target_layers=[2], steps=3)
+    log = trainer.train(tmp_path).log
+    assert log[0]["rerouting_loss"] == pytest.approx(1.0, abs=1e-6) and log[0]["retain_loss"] == 0.0
+    assert log[-1]["rerouting_loss"] < 1.0
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert len(saved.transformer.h) == 4 and saved.config.n_layer == 4
+
+
 # ---------------------------------------------------------------- batches
 
 

@@ -98,6 +98,7 @@ def switch_off_base_dropout(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if isinstance(module, nn.Dropout) and "lora_dropout" not in name:
             module.eval()
+            module.p = 0.0  # attention code reads `.p` under its parent's training flag (GPT-2 + SDPA)
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
 

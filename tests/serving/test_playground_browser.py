@@ -58,8 +58,7 @@ def send(browser, text):
 
 
 def test_chat_in_the_playground_with_probe_and_baseline(browser, live_server, model, baseline_model):
-    probe = probe_for(model)  # never trips
-    server = live_server(probe=probe, baseline=baseline_model)
+    server = live_server(probe=probe_for(model), baseline=baseline_model)  # the probe never trips
     open_playground(browser, server.url)
     assert not browser.find_element(By.ID, "key-field").is_displayed()  # no key configured
     assert len(browser.find_elements(By.CSS_SELECTOR, ".column")) == 2
@@ -74,11 +73,15 @@ def test_chat_in_the_playground_with_probe_and_baseline(browser, live_server, mo
     assert shaded  # tokens of the circuit-broken model carry their probe scores
     assert not base.find_elements(By.CSS_SELECTOR, ".tok[title^='score']")
 
-    probe.threshold_logit = -1e9  # now every first token trips
-    broken, base = send(browser, "And then?")
-    assert broken.get_attribute("data-tripped") == "true"
-    assert "Circuit breaker tripped" in broken.find_element(By.CSS_SELECTOR, ".banner").text
-    assert base.get_attribute("data-tripped") is None
+
+
+def test_a_trip_shows_a_banner(browser, live_server, model):
+    server = live_server(probe=probe_for(model, threshold_logit=-1e9), refusal="No.")  # every first token trips
+    open_playground(browser, server.url)
+    (answer,) = send(browser, "How do I bake bread?")
+    assert answer.get_attribute("data-tripped") == "true"
+    assert "Circuit breaker tripped at token 0" in answer.find_element(By.CSS_SELECTOR, ".banner").text
+    assert answer.find_element(By.CSS_SELECTOR, ".refusal").text == "No."
 
 
 def test_playground_with_an_api_key(browser, live_server):

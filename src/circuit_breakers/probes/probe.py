@@ -169,7 +169,7 @@ class Probe(nn.Module):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += float(loss) * len(idx)
+                total += loss.item() * len(idx)
             self.history.append(total / len(X))
         self.eval()
         self.info["training"] = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay,

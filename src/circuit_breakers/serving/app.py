@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import chat_prompt
 from .batcher import Batcher, Job
-from .engine import GenRequest, GenResult, generate_rows
+from .engine import GenRequest, GenResult, generate_rows, sigmoid
 from .monitoring import make_monitor
 from .protocol import ApiError, ChatRequest, error_body, parse_chat_request
 
@@ -133,7 +133,9 @@ def create_app(model, tokenizer, *, model_name: str, probe=None, baseline=None, 
     request_tokenizers = {name: copy.deepcopy(t.tokenizer) for name, t in targets.items()}
     tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cb-tokenize")
 
+    # The monitor fixes the probe's threshold when it is built: the one reported is the one compared.
     monitors = {name: make_monitor(t.model, t.probe) for name, t in targets.items() if t.probe is not None}
+    thresholds = {name: _finite(sigmoid(m.threshold)) for name, m in monitors.items()}
 
     def run_batch(jobs: list[Job]) -> list[GenResult]:
         works: list[Work] = [job.payload for job in jobs]
@@ -194,7 +196,9 @@ def create_app(model, tokenizer, *, model_name: str, probe=None, baseline=None, 
     async def health():
         return {"status": "ok", "model": model_name, "models": names,
                 "baseline": names[1] if len(names) > 1 else None,
-                "probe": _probe_info(probe), "auth_required": api_key is not None,
+                "probe": None if probe is None else {"layer": monitors[model_name].layer,
+                                                     "threshold": thresholds[model_name]},
+                "auth_required": api_key is not None,
                 "max_tokens_limit": max_tokens_limit, "max_input_tokens": max_input_tokens,
                 "batch_size": batch_size, "batches": batcher.stats.batches, "requests": batcher.stats.jobs}
 
@@ -233,7 +237,7 @@ def create_app(model, tokenizer, *, model_name: str, probe=None, baseline=None, 
         except Exception as err:  # noqa: BLE001 - a failed generation is a 500, never a crash
             log.exception("generation failed")
             return _error(500, f"generation failed: {type(err).__name__}: {err}", type="server_error")
-        return _completion(work, result, threshold=_probe_threshold(target.probe))
+        return _completion(work, result, threshold=thresholds.get(target.name))
 
     def _job(work: Work) -> Job:
         job = Job(work.target.name, work)  # one batch per model; every request setting is per row
@@ -248,7 +252,7 @@ def create_app(model, tokenizer, *, model_name: str, probe=None, baseline=None, 
         task = asyncio.ensure_future(batcher.submit(job))
         task.add_done_callback(lambda _: queue.put_nowait(None))
         cid, created = _completion_id(), int(time.time())
-        threshold = _probe_threshold(work.target.probe)
+        threshold = thresholds.get(work.target.name)
 
         def chunk(delta: dict, finish_reason=None, **extra) -> str:
             payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": work.target.name,
@@ -292,16 +296,6 @@ def create_app(model, tokenizer, *, model_name: str, probe=None, baseline=None, 
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _probe_info(probe) -> dict | None:
-    if probe is None:
-        return None
-    return {"layer": getattr(probe, "layer", None), "threshold": _probe_threshold(probe)}
-
-
-def _probe_threshold(probe) -> float | None:
-    return None if probe is None else _finite(getattr(probe, "threshold", None))
 
 
 def _completion_id() -> str:

@@ -124,7 +124,7 @@ def _cache_of(out):
     return cache if cache is not None else out.past_key_values
 
 
-def _sigmoid(logit: float) -> float:
+def sigmoid(logit: float) -> float:
     if logit >= 0:
         return 1.0 / (1.0 + math.exp(-logit))
     z = math.exp(logit)
@@ -228,7 +228,7 @@ def generate_rows(model, tokenizer, requests: Sequence[GenRequest], *, monitor=N
                     if token is None:
                         continue
                     logit = step_logits[i]
-                    scores[i].append(_sigmoid(logit))
+                    scores[i].append(sigmoid(logit))
                     if logit > monitor.threshold:
                         finish[i], trip_index[i] = "content_filter", len(scores[i]) - 1
                     else:
