@@ -62,9 +62,12 @@ def retain_loss(lora: Mapping[int, torch.Tensor], orig: Mapping[int, torch.Tenso
     mask = mask.float()
     total = lora[entries[0]].new_zeros((), dtype=torch.float32)
     for l in entries:
-        distance = torch.linalg.vector_norm(lora[l].float() - orig[l].float(), dim=-1)
+        # The norm is accumulated in fp32 without an fp32 copy of the states, as the reference does:
+        # 22 entries of fp32 copies held for backward would cost GBs at 8B scale.
+        at_least_fp32 = torch.promote_types(lora[l].dtype, torch.float32)
+        distance = torch.linalg.vector_norm(lora[l] - orig[l], dim=-1, dtype=at_least_fp32)
         if relative:
-            distance = distance / torch.linalg.vector_norm(orig[l].float(), dim=-1).clamp_min(1e-6)
+            distance = distance / torch.linalg.vector_norm(orig[l], dim=-1, dtype=at_least_fp32).clamp_min(1e-6)
         total = total + (distance * mask).sum()
     if normalization == "reference":
         denominator = len(entries) * mask.shape[0] * reference_length

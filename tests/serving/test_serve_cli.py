@@ -33,6 +33,9 @@ def test_missing_key_variable_is_an_error(monkeypatch, capsys):
     monkeypatch.delenv("CB_TEST_KEY", raising=False)
     assert main(["serve", "--model", "m", "--api-key-env", "CB_TEST_KEY"]) == 2
     assert "CB_TEST_KEY" in capsys.readouterr().err
+    # a key given where the variable's name belongs is refused without being echoed
+    assert main(["serve", "--model", "m", "--api-key-env", "sk-9f/8+x=="]) == 2
+    assert "sk-9f" not in capsys.readouterr().err
 
 
 def test_serve_runs_uvicorn_with_the_app(monkeypatch, checkpoint, capsys):

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 
 def register(subparsers) -> None:
     serve = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible API with a browser playground",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)  # `--api-key SECRET` must be an error, not an abbreviation of --api-key-env
     serve.add_argument("--model", required=True,
                        help="the circuit-broken model: hub id, checkpoint directory, .gguf file or smollm2-135m")
     serve.add_argument("--model-name", help="the name clients ask for (default: derived from --model)")
@@ -51,6 +53,11 @@ def model_name_for(spec: str) -> str:
 def run(args) -> int:
     api_key = None
     if args.api_key_env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", args.api_key_env):
+            # Not echoed: it may be the key itself, given where the variable's name belongs.
+            print("circuit-breakers serve: error: --api-key-env takes the NAME of an environment variable "
+                  "that holds the key, not the key", file=sys.stderr)
+            return 2
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             print(f"circuit-breakers serve: error: --api-key-env {args.api_key_env}: the variable is not set or "
