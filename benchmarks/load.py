@@ -138,7 +138,8 @@ async def run_clients(url: str, model_name: str, *, clients: int, requests: int,
                 return
             t0 = time.perf_counter()
             try:
-                tokens += await one(client, PROMPTS[(index + k * clients) % len(PROMPTS)])
+                used = await one(client, PROMPTS[(index + k * clients) % len(PROMPTS)])
+                tokens += used  # not `tokens += await ...`: that reads `tokens` before awaiting
                 latencies.append(time.perf_counter() - t0)
             except Exception as err:  # noqa: BLE001 - counted and reported
                 errors.append(f"{type(err).__name__}: {err}")

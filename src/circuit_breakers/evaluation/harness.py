@@ -174,6 +174,7 @@ def _attack_budget(attack) -> dict:
 def write_results(out_dir: str | Path, results: dict) -> Path:
     path = Path(out_dir) / RESULTS_FILE
     atomic_write_text(path, json.dumps(results, indent=2, default=_jsonable) + "\n")
+    path.chmod(0o644)  # the temporary file of an atomic write is private
     return path
 
 

@@ -85,7 +85,11 @@ def cosine_chart(diagnostics: dict[str, dict]) -> bytes | None:
     if not sets:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for axis in (ax, ax2):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     for name, d in sets.items():
         layers = sorted(d["per_layer"], key=int)
         xs = [int(layer) for layer in layers]

@@ -82,7 +82,11 @@ def build_blocks(results: dict) -> list[Block]:
     rows = []
     for attack in attacks:
         entry = asr.get("model", {}).get(attack) or next(m[attack] for m in asr.values() if attack in m)
-        row = [attack, entry.get("judge", judge_name), str(entry.get("n")), _budget(entry.get("budget", {})),
+        name = entry.get("judge", judge_name)
+        checked = agreement.get(name)
+        judge_cell = name + (f" (agrees {_pct(checked['binary_accuracy'])} harmful-vs-not, n={checked['n']})"
+                             if checked else " (not validated)")
+        row = [attack, judge_cell, str(entry.get("n")), _budget(entry.get("budget", {})),
                str(entry.get("samples_per_behavior")), str(entry.get("max_new_tokens") or "-")]
         row += [_ci(asr[m][attack]) if attack in asr[m] else "-" for m in ("baseline", "model") if m in asr]
         row += [", ".join(f"{m}: {asr[m][attack]['errors']}" for m in asr if attack in asr[m])]
@@ -243,4 +247,6 @@ def write_report(results: dict | str | Path, out_dir: str | Path | None = None, 
     md, page = out / "report.md", out / "report.html"
     atomic_write_text(md, render_markdown(blocks, title))
     atomic_write_text(page, render_html(blocks, title))
+    for path in (md, page):
+        path.chmod(0o644)  # the temporary file of an atomic write is private
     return md, page
