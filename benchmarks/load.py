@@ -105,6 +105,7 @@ async def run_clients(url: str, model_name: str, *, clients: int, requests: int,
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     latencies: list[float] = []
     tokens = 0
+    not_sent = 0
     errors: list[str] = []
     start = time.perf_counter()
     stop_at = start + duration
@@ -132,9 +133,10 @@ async def run_clients(url: str, model_name: str, *, clients: int, requests: int,
         return response.json()["usage"]["completion_tokens"]
 
     async def client_loop(index: int, client: httpx.AsyncClient) -> None:
-        nonlocal tokens
+        nonlocal tokens, not_sent
         for k in range(requests):
             if time.perf_counter() >= stop_at:
+                not_sent += requests - k
                 return
             t0 = time.perf_counter()
             try:
@@ -152,7 +154,8 @@ async def run_clients(url: str, model_name: str, *, clients: int, requests: int,
             task.cancel()
             errors.append("still running at the deadline")
     wall = time.perf_counter() - start
-    return {"requests_ok": len(latencies), "errors": len(errors), "error_samples": errors[:5],
+    return {"requests_ok": len(latencies), "errors": len(errors), "not_sent": not_sent,
+            "error_samples": errors[:5],
             "wall_s": wall, "requests_per_s": len(latencies) / wall, "completion_tokens": tokens,
             "tokens_per_s": tokens / wall, "latency_p50_s": percentile(latencies, 50),
             "latency_p99_s": percentile(latencies, 99),
@@ -232,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             result |= {"server_batches": batches, "mean_batch_size": jobs / batches if batches else None}
     result = {**info, **result}
     fmt = lambda x, unit="": "-" if x is None else f"{x:.3g}{unit}"  # noqa: E731
-    print(f"{result['requests_ok']} requests ok, {result['errors']} errors in {result['wall_s']:.1f} s "
+    print(f"{result['requests_ok']} requests ok, {result['errors']} errors, {result['not_sent']} not sent "
+          f"(--duration) in {result['wall_s']:.1f} s "
           f"({args.clients} clients x {args.requests} requests, max_tokens {args.max_tokens}"
           f"{', streaming' if args.stream else ''})")
     print(f"throughput: {result['requests_per_s']:.3g} req/s, {result['tokens_per_s']:.3g} completion tokens/s")

@@ -1,5 +1,11 @@
+import pytest
+import torch
+
+from circuit_breakers.attacks._common import PrefixCache, slot_prompt, target_loss
 from circuit_breakers.attacks.base import budget_of
 from circuit_breakers.attacks.gcg import GCG, GCGConfig
+
+from ..conftest import make_tiny_model
 
 
 def _cfg(**kw):
@@ -41,10 +47,13 @@ def test_same_seed_same_suffix_and_early_stop(llama, tok, behaviors):
     assert stopped.extra["stopped_early"] and stopped.extra["steps"] == 0
 
 
-def test_prefix_cache_losses_match_a_full_forward(llama, tok, behaviors):
-    import torch
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "llama+lora"])
+def test_prefix_cache_losses_match_a_full_forward(kind, tok, behaviors):
+    llama = make_tiny_model(kind.split("+")[0], vocab_size=len(tok), layers=2)
+    if kind.endswith("lora"):
+        from peft import LoraConfig, get_peft_model
 
-    from circuit_breakers.attacks._common import PrefixCache, slot_prompt, target_loss
+        llama = get_peft_model(llama, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
 
     p = slot_prompt(tok, behaviors[0].request)
     suffix = tok("x x x", add_special_tokens=False).input_ids
@@ -55,3 +64,12 @@ def test_prefix_cache_losses_match_a_full_forward(llama, tok, behaviors):
     with torch.no_grad():
         full = llama(input_ids=torch.tensor([p.prefix_ids + suffix + p.after_ids + target])).logits
     assert torch.allclose(cached, target_loss(full, torch.tensor(target)), atol=1e-5)
+
+
+def test_gcg_on_a_peft_wrapped_model(tok, behaviors):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_tiny_model("qwen2", vocab_size=len(tok), layers=2),
+                           LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    out = GCG(_cfg(num_steps=2)).run(model, tok, behaviors[1:])[0]
+    assert len(out.extra["best_losses"]) == 3 and out.generations[0] is not None

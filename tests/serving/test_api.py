@@ -223,3 +223,29 @@ def test_playground_is_served(client):
     page = response.text
     assert "circuit-breakers playground" in page and "v1/chat/completions" in page
     assert "http://" not in page and "https://" not in page  # self-contained: no CDN
+
+
+def test_a_stream_whose_client_leaves_stops_generating(live_server, monkeypatch):
+    import time
+
+    from circuit_breakers.serving import app as app_module
+
+    finished = []
+    real = app_module.generate_rows
+
+    def recording(*args, **kwargs):
+        results = real(*args, **kwargs)
+        finished.extend(results)
+        return results
+
+    monkeypatch.setattr(app_module, "generate_rows", recording)
+    server = live_server()
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        with client.stream("POST", "/v1/chat/completions", json={
+                "messages": HUMAN, "max_tokens": 200, "stream": True}) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # the role chunk; then leave
+    deadline = time.monotonic() + 60
+    while not finished and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert finished and finished[0].completion_tokens < 200

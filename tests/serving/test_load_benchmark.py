@@ -23,7 +23,7 @@ def test_load_benchmark_tiny(tmp_path, capsys):
         torch.set_num_threads(threads)
     assert code == 0
     result = json.loads(out.read_text())
-    assert result["requests_ok"] == 8 and result["errors"] == 0
+    assert result["requests_ok"] == 8 and result["errors"] == 0 and result["not_sent"] == 0
     assert result["completion_tokens"] == 8 * 4  # a random model never ends early; every answer counted
     assert result["latency_p50_s"] <= result["latency_p99_s"]
     assert result["server_batches"] < 8  # concurrent clients were batched

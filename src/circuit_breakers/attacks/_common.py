@@ -78,7 +78,9 @@ def encode(tokenizer, text: str) -> list[int]:
 def _cache_kwarg(model) -> str:
     """transformers 5.x names the cache argument `cache` (and still accepts `past_key_values` for a
     while); 4.x only knows `past_key_values`."""
-    params = inspect.signature(model.forward).parameters
+    from ..models import unwrap
+
+    params = inspect.signature(unwrap(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 

@@ -8,7 +8,8 @@ space (HarmBench's `behavior + " " + suffix`). Each step:
 2. per position, the `topk` tokens with the most negative gradient (disallowed tokens excluded:
    non-ASCII or unprintable tokens and special tokens, unless `allow_non_ascii`);
 3. `search_width` candidates, each replacing `n_replace` random positions of the current suffix
-   with a random top-k token (seeded: the same seed gives the same run);
+   with a random top-k token (seeded from `seed` and the behaviour id: the same seed gives the
+   same run, whatever the order or sharding of the behaviours);
 4. the re-tokenisation filter: a candidate survives only if decoding and encoding it gives back
    the same ids (so the string reported is the suffix that was optimised);
 5. the survivors' losses, in batches of `batch_size` over only suffix + end-of-turn + assistant
@@ -24,6 +25,7 @@ target tokens after the assistant header.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -120,6 +122,11 @@ def retokenization_filter(tokenizer, candidates: torch.Tensor) -> torch.Tensor:
     return candidates[keep]
 
 
+def behavior_seed(seed: int, behavior_id: str) -> int:
+    """A per-behaviour seed that does not depend on the behaviour's position in the list."""
+    return zlib.crc32(f"{seed}:{behavior_id}".encode())
+
+
 class GCG:
     name = "gcg"
     config_class = GCGConfig
@@ -134,12 +141,12 @@ class GCG:
         cfg = self.config
         results, rows, prompts = [], [], []
         with frozen(model):
-            for i, behavior in enumerate(behaviors):
+            for behavior in behaviors:
                 prompt = slot_prompt(tokenizer, behavior.user_message(), separator=cfg.separator,
                                      system_prompt=cfg.system_prompt)
                 target, fallback = target_of(behavior, cfg.fallback_target)
                 result = self.optimize(model, tokenizer, prompt.prefix_ids, prompt.after_ids,
-                                       encode(tokenizer, target), seed=cfg.seed + i)
+                                       encode(tokenizer, target), seed=behavior_seed(cfg.seed, behavior.id))
                 results.append((result, target, fallback))
                 rows.append(prompt.prefix_ids + result.best_ids + prompt.after_ids)
                 prompts.append(prompt)

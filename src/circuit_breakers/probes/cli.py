@@ -14,7 +14,7 @@ def register(subparsers) -> None:
     train = actions.add_parser("train", help="train a probe, calibrate its threshold, save it")
     train.add_argument("--model", default="smollm2-135m", help="hub id, checkpoint directory, .gguf or smollm2-135m")
     train.add_argument("--layer", type=int, help="hidden-state entry (block l-1's output); "
-                       "default: measured for smollm2-135m (15), else the middle of the stack")
+                       "default: measured for smollm2-135m (20), else the middle of the stack")
     train.add_argument("--kind", choices=("linear", "mlp"), default="linear")
     train.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate on held-out benign "
                        "responses (default 0.01)")
@@ -25,7 +25,8 @@ def register(subparsers) -> None:
                        help="retain data; repeatable (default: built-in benign/borderline/refusal train)")
     train.add_argument("--heldout", action="append", metavar="FILE",
                        help="benign responses to calibrate on; repeatable (default: benign/borderline test)")
-    train.add_argument("--max-tokens-per-item", type=int, help="first N response tokens of every item only")
+    train.add_argument("--max-tokens-per-item", type=int, help="first N response tokens of every training item "
+                       "only (calibration always scores whole responses)")
     train.add_argument("--max-length", type=int, default=1024)
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--lr", type=float, default=1e-3)

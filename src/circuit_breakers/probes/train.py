@@ -9,7 +9,8 @@ borderline.test responses, so that at most `fpr` of them would be halted.
 
 Layers (hidden-state entry numbering): the paper probes Mistral-7B at 16 (of 32 blocks) and
 Llama-3-8B at its last layer. For the embedded default (SmolLM2-135M, 30 blocks) the default is
-layer 15, chosen by `benchmarks/probe_layers.py` (docs/probes.md); for any other model the middle one.
+layer 20, chosen by `benchmarks/probe_layers.py` (docs/probes.md: best held-out AUROC and TPR of
+5/10/15/20/25/30); for any other model the middle one.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .features import example_features, labelled_features
 from .probe import Probe, make_probe
 
 # Measured defaults: {model name: layer}. See docs/probes.md for the measurement.
-MEASURED_LAYERS = {EMBEDDED_DEFAULT: 15}
+MEASURED_LAYERS = {EMBEDDED_DEFAULT: 20}
 
 ExampleSets = Mapping[str, Sequence[Example]] | Sequence[Example]
 
@@ -64,8 +65,8 @@ def train_probe(model, tokenizer, layer: int | None, kind: str, fpr: float, out_
     """Extract response-token features at `layer`, fit a `kind` probe, calibrate it to `fpr`, save it.
 
     Sets are lists of Examples or {name: list}; None means the built-in sets (module docstring).
-    `max_tokens_per_item` keeps only the first N response tokens of every item (training and
-    calibration alike). Returns the probe; with `out_dir` it is also saved there.
+    `max_tokens_per_item` keeps only the first N response tokens of every training item; the
+    held-out benign responses are always scored whole, as the monitor will see them. Returns the probe; with `out_dir` it is also saved there.
     """
     if not 0.0 <= fpr < 1.0:
         raise ValueError(f"fpr must be in [0, 1), got {fpr}")
@@ -86,7 +87,10 @@ def train_probe(model, tokenizer, layer: int | None, kind: str, fpr: float, out_
     probe = make_probe(kind, data.X.shape[1], seed=seed, layer=layer)
     probe.fit(data.X, data.y, epochs=epochs, lr=lr, weight_decay=weight_decay, progress=progress)
 
-    calibration = {name: example_features(model, tokenizer, examples, layer, desc=name, **options)
+    # Calibrate on whole responses: the monitor scores every generated token, so a cap here would
+    # set the threshold on fewer tokens than it will see and raise the real false-positive rate.
+    uncapped = dict(options, max_tokens_per_item=None)
+    calibration = {name: example_features(model, tokenizer, examples, layer, desc=name, **uncapped)
                    for name, examples in heldout.items()}
     X = torch.cat([f.features for f in calibration.values()])
     groups, offset = [], 0
