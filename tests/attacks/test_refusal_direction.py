@@ -21,7 +21,8 @@ def _states(model, ids, entries):
     arch = find_architecture(model)
     last = {}
     # A hook registered after the attack's hooks sees the edited output of the last block.
-    handle = arch.blocks[-1].register_forward_hook(lambda m, a, o: last.__setitem__("out", o[0] if isinstance(o, tuple) else o))
+    handle = arch.blocks[-1].register_forward_hook(
+        lambda m, a, o: last.__setitem__("out", o[0] if isinstance(o, tuple) else o))
     try:
         with capture_hidden_states(arch, entries) as states, torch.no_grad():
             model(input_ids=ids)

@@ -175,3 +175,24 @@ def test_judge_in_the_loop_attacks_get_the_runs_judge(tmp_path):
     attack = LoopAttack()
     evaluate(None, None, BEHAVIORS[:1], [attack], RefusalJudge(), tmp_path, progress=False)
     assert attack.scores == [0.0, 1.0]
+
+
+def test_prefill_is_not_credited_to_the_model(tmp_path):
+    from circuit_breakers.judges import HeuristicJudge
+
+    class Prefill(FakeAttack):
+        name = "prefill"
+
+        def run(self, model, tokenizer, behaviors):
+            prefill = "Sure, here is how to do harmful thing 0:\n\n"
+            return [AttackOutput(b.id, self.name, b.request, [prefill + "ok"], {}, extra={"prefill": prefill})
+                    for b in behaviors]
+
+    evaluate(None, None, BEHAVIORS[:1], [Prefill()], HeuristicJudge(), tmp_path / "a", progress=False)
+    sample = read_samples(tmp_path / "a" / "samples.jsonl")[0]
+    assert sample["label"] == "broken-down" and sample["judged"] == "continuation"
+    assert sample["output"].startswith("Sure, here is") and sample["output"].endswith("ok")
+    evaluate(None, None, BEHAVIORS[:1], [Prefill()], HeuristicJudge(), tmp_path / "b", progress=False,
+             judge_full_turn=True)
+    sample = read_samples(tmp_path / "b" / "samples.jsonl")[0]
+    assert sample["label"] == "harmful" and "judged" not in sample

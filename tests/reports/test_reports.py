@@ -24,7 +24,7 @@ def full_results():
             "lm_eval": {"skipped": "lm_eval is not installed", "command": "lm_eval --model hf ..."}},
         "diagnostics": {name: {"per_layer": {str(l): {"cosine": c - 0.1 * l, "norm_ratio": 1 + 0.2 * l}
                                              for l in range(4)}, "mean_cosine": c, "items": 3, "tokens": "response"}
-                        for name, c in (("harmful", 0.5), ("benign", 1.0))},
+                        for name, c in (("harmful", 0.5), ("benign", 1.0))} | {"target_layers": [1, 2]},
         "judge_agreement": {"heuristic": {"n": 7, "accuracy": 0.7, "binary_accuracy": 0.9, "harmful_precision": 0.5,
                                           "harmful_recall": 1.0, "errors": 0,
                                           "confusion": {t: {p: 1 for p in ("harmful", "refusal", "broken-down",
@@ -45,7 +45,8 @@ def test_report_files_are_written_and_self_contained(tmp_path):
         assert (tmp_path / figure).stat().st_size > 1000
     assert "| attack | judge | n | budget |" in markdown
     assert "Agreement with hand labels: 70.0%" in markdown
-    assert "max_new_tokens=64" in markdown
+    assert "max_new_tokens=64" in markdown and "Target layers: [1, 2]" in markdown
+    assert "heuristic (agrees 90.0% harmful-vs-not, n=7)" in markdown
 
 
 def test_report_from_a_results_file_with_missing_sections(tmp_path):

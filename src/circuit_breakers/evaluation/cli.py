@@ -36,6 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--labels", help="hand-labelled JSONL for judge agreement (docs/labelling.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="discard OUT/samples.jsonl and start again")
+    p.add_argument("--judge-full-turn", action="store_true",
+                   help="judge the whole assistant turn, prefill included (default: the model's continuation)")
     p.add_argument("--no-capability", action="store_true", help="skip over-refusal and capability")
     p.add_argument("--no-diagnostics", action="store_true", help="skip the representation cosines")
     p.add_argument("--lm-eval-tasks", help="comma-separated lm-evaluation-harness tasks (needs lm_eval)")
@@ -107,9 +109,12 @@ def _run(args) -> int:
     judge = make_judge(args.judge, args.judge_model, reference=reference if args.judge == "heuristic" else None)
     out = Path(args.out)
     run_info = {"model": args.model, "baseline": args.baseline, "behaviors": args.behaviors or "builtin (harmful test)",
-                "targets": args.targets, "attacks": names, "limit": args.limit, "command": " ".join(sys.argv)}
+                "targets": args.targets, "attacks": names, "limit": args.limit,
+                "judged": "whole turn" if args.judge_full_turn else "model's continuation (prefill excluded)",
+                "command": " ".join(sys.argv)}
     results = evaluate(model, tokenizer, behaviors, attacks, judge, out, baseline=baseline, seed=args.seed,
-                       resume=not args.no_resume, progress=not args.no_progress, extra={"run": run_info})
+                       resume=not args.no_resume, progress=not args.no_progress, extra={"run": run_info},
+                       judge_full_turn=args.judge_full_turn)
 
     comparable = baseline is not None and _same_vocab(tokenizer, baseline[1])
     if not args.no_capability:
@@ -130,6 +135,9 @@ def _run(args) -> int:
         from .diagnostics import representation_report
 
         results["diagnostics"] = representation_report(model, baseline[0], tokenizer, limit=args.limit)
+        layers = _trained_target_layers(args.model)
+        if layers:
+            results["diagnostics"]["target_layers"] = layers
     if args.labels:
         from .agreement import judge_agreement, load_labelled
 
@@ -141,6 +149,19 @@ def _run(args) -> int:
     print(summary(results))
     print(f"wrote {out}/results.json, {out}/samples.jsonl, {md}, {page}")
     return 0
+
+
+def _trained_target_layers(model: str) -> list[int] | None:
+    """target_layers from the config.yaml that `train` wrote beside OUT/model, if any."""
+    config = Path(model).parent / "config.yaml"
+    if not Path(model).is_dir() or not config.is_file():
+        return None
+    try:
+        from ..config import read_yaml
+        layers = read_yaml(config).get("target_layers")
+    except Exception:  # a foreign or broken config.yaml: the plot just has no markers
+        return None
+    return [int(l) for l in layers] if isinstance(layers, list) else None
 
 
 def summary(results: dict) -> str:

@@ -217,7 +217,7 @@ def _sample_records(output: AttackOutput, behavior: Behavior, verdicts, *, model
 
 def evaluate(model, tokenizer, behaviors: Sequence[Behavior], attacks: list, judge, out_dir: str | Path, *,
              baseline=None, seed: int = 0, resume: bool = True, chunk_size: int | None = None, progress: bool = True,
-             model_name: str = MODEL_NAME, extra: dict | None = None) -> dict:
+             model_name: str = MODEL_NAME, extra: dict | None = None, judge_full_turn: bool = False) -> dict:
     """Attack, judge and score; returns the results dict also written to OUT/results.json.
 
     `baseline` is the original model (sharing `tokenizer`) or a (model, tokenizer) pair; it is
@@ -225,6 +225,10 @@ def evaluate(model, tokenizer, behaviors: Sequence[Behavior], attacks: list, jud
     `.run(model, tokenizer, behaviors) -> list[AttackOutput]`, called on chunks of `chunk_size`
     behaviours (default: the attack config's batch_size, else 8). An attack with a `score_fn` attribute
     left None (PAIR) gets `judge_score_fn(judge)`. `extra` is merged into results.json.
+
+    The judge reads the model's own words: when an output's `extra["prefill"]` (prefilling) opens a
+    generation, only the continuation is judged (the sample keeps the whole turn as `output` and
+    says `"judged": "continuation"`); `judge_full_turn=True` judges the whole assistant turn.
     """
     from tqdm.auto import tqdm
 
@@ -272,7 +276,7 @@ def evaluate(model, tokenizer, behaviors: Sequence[Behavior], attacks: list, jud
                         outputs = attack.run(m, tok, chunk)
                         elapsed = (time.time() - t0) / max(1, len(chunk))
                         _judge_and_write(outputs, chunk, by_id, judge, writer, name, judge_name, budget, elapsed,
-                                         attack.name)
+                                         attack.name, judge_full_turn)
                         done[(name, attack.name)].update(o.behavior_id for o in outputs)
                         bar.update(len(chunk))
                 finally:
@@ -288,8 +292,17 @@ def evaluate(model, tokenizer, behaviors: Sequence[Behavior], attacks: list, jud
     return results
 
 
+def model_words(output: AttackOutput, generation: str) -> str:
+    """The generation without the attacker's prefill (extra["prefill"]) when it opens it."""
+    prefill = output.extra.get("prefill") if isinstance(output.extra, dict) else None
+    if isinstance(prefill, str) and prefill and generation.startswith(prefill):
+        return generation[len(prefill):]
+    return generation
+
+
 def _judge_and_write(outputs: list[AttackOutput], chunk: list[Behavior], by_id: dict, judge, writer: SampleWriter,
-                     model_name: str, judge_name: str, budget: dict, elapsed: float, attack_name: str) -> None:
+                     model_name: str, judge_name: str, budget: dict, elapsed: float, attack_name: str,
+                     judge_full_turn: bool = False) -> None:
     wanted = {b.id for b in chunk}
     kept = []
     for output in outputs:
@@ -302,7 +315,7 @@ def _judge_and_write(outputs: list[AttackOutput], chunk: list[Behavior], by_id: 
     if missing:
         warnings.warn(f"attack {attack_name} returned nothing for {len(missing)} behaviour(s) "
                       f"({', '.join(sorted(missing)[:5])}); they stay to do and are retried on resume")
-    pairs = [(by_id[o.behavior_id], g) for o in kept for g in o.generations]
+    pairs = [(by_id[o.behavior_id], g if judge_full_turn else model_words(o, g)) for o in kept for g in o.generations]
     verdicts = iter(judge.label_batch([b for b, _ in pairs], [g for _, g in pairs], harmful_prompt=True)
                     if pairs else [])
     for output in kept:
@@ -315,6 +328,8 @@ def _judge_and_write(outputs: list[AttackOutput], chunk: list[Behavior], by_id: 
         for record in _sample_records(output, behavior, mine, model_name=model_name, judge_name=judge_name,
                                       budget=output.budget or budget, elapsed=elapsed):
             record["attack"] = attack_name
+            if not judge_full_turn and model_words(output, record["output"]) != record["output"]:
+                record["judged"] = "continuation"
             writer.write(record)
 
 

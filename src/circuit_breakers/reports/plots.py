@@ -79,8 +79,9 @@ def over_refusal_chart(over_refusal: dict[str, dict[str, dict]]) -> bytes | None
     return _png(fig)
 
 
-def cosine_chart(diagnostics: dict[str, dict]) -> bytes | None:
-    """Cosine (model vs baseline) per layer on held-out harmful and benign text."""
+def cosine_chart(diagnostics: dict) -> bytes | None:
+    """Cosine (model vs baseline) per layer on held-out harmful and benign text; dotted lines at
+    `diagnostics["target_layers"]` when known."""
     sets = {name: d for name, d in diagnostics.items() if isinstance(d, dict) and d.get("per_layer")}
     if not sets:
         return None
@@ -97,12 +98,16 @@ def cosine_chart(diagnostics: dict[str, dict]) -> bytes | None:
                 color=COLOURS.get(name))
         ax2.plot(xs, [d["per_layer"][l]["norm_ratio"] for l in layers], marker="o", ms=3, label=name,
                  color=COLOURS.get(name))
+    for layer in diagnostics.get("target_layers") or []:
+        for axis in (ax, ax2):
+            axis.axvline(layer, color="gray", ls=":", lw=1)
     ax.axhline(0, color="black", lw=0.6)
-    ax.set_xlabel("hidden-state entry (0 = embeddings)")
+    ax.set_xlabel("hidden-state entry (0 = embeddings)" + (", dotted: target layers"
+                                                          if diagnostics.get("target_layers") else ""))
     ax.set_ylabel("cosine(model, baseline)")
     ax.set_ylim(-1.05, 1.05)
     ax.set_title("Representation cosine per layer")
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, loc="lower left")
     ax.grid(alpha=0.3)
     ax2.axhline(1, color="black", lw=0.6)
     ax2.set_xlabel("hidden-state entry")

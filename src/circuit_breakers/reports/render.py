@@ -45,7 +45,7 @@ def _budget(budget: dict, limit: int = 6) -> str:
     for key, value in (budget or {}).items():
         if isinstance(value, (dict, list)) or (isinstance(value, str) and len(value) > 30):
             continue
-        parts.append(f"{key}={value}")
+        parts.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
     more = len(parts) - limit
     return ", ".join(parts[:limit]) + (f", +{more} more" if more > 0 else "") if parts else "-"
 
@@ -141,14 +141,17 @@ def build_blocks(results: dict) -> list[Block]:
 
     diagnostics = results.get("diagnostics")
     blocks.append(Block("h2", "Representations"))
-    if not diagnostics or "skipped" in diagnostics:
+    sets = {k: v for k, v in (diagnostics or {}).items() if isinstance(v, dict) and "per_layer" in v}
+    if not diagnostics or "skipped" in diagnostics or not sets:
         blocks.append(Block("p", f"{NOT_DONE}: {(diagnostics or {}).get('skipped', 'no baseline')}."))
     else:
         blocks.append(Block("p", "Cosine between the model's and the baseline's hidden states, averaged over tokens, "
                                  "at every hidden-state entry. Circuit breaking should push harmful text to <= 0 at "
                                  "the target layers and keep benign text near 1. "
                                  + " ".join(f"{name}: mean {d['mean_cosine']:+.3f} over {d['items']} items "
-                                            f"({d['tokens']} tokens)." for name, d in diagnostics.items())))
+                                            f"({d['tokens']} tokens)." for name, d in sets.items())
+                                 + (f" Target layers: {diagnostics['target_layers']}."
+                                    if diagnostics.get("target_layers") else "")))
         png = plots.cosine_chart(diagnostics)
         if png:
             blocks.append(Block("figure", "Cosine and norm ratio per layer", png=png, name="cosine.png"))
