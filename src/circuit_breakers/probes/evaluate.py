@@ -123,8 +123,8 @@ def evaluate_probe(model, tokenizer, probe: Probe, *, harmful: Mapping[str, Sequ
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{result['kind']} probe, layer {result['layer']}, threshold {result['threshold']:.4g} "
-             f"(target FPR {result['target_fpr']})",
+    lines = [f"{result['kind']} probe, layer {result['layer']}, threshold {result['threshold']:.6g} "
+             f"(logit {result['threshold_logit']:.4g}, target FPR {result['target_fpr']})",
              f"{'set':<40} {'metric':>6} {'responses':>9} {'halted':>7} {'rate':>7}"]
     for name, row in result["sets"].items():
         rate = "-" if row["rate"] is None else f"{row['rate']:.3f}"
