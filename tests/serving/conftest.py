@@ -1,7 +1,6 @@
 """Fixtures for the server tests: a tiny random Llama with the tiny ChatML tokenizer, apps, a live server."""
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import threading
@@ -95,10 +94,12 @@ def assert_error(response, status: int = 400, *, param=None, code=None) -> dict:
 
 def probe_for(model, *, layer: int = 2, threshold_logit: float = 1e9, seed: int = 0):
     """A randomly initialised linear probe on the tiny model (never trips at the default threshold)."""
+    import torch
+
     from circuit_breakers.probes.probe import make_probe
 
     probe = make_probe("linear", model.config.hidden_size, layer=layer, seed=seed)
-    with __import__("torch").no_grad():
+    with torch.no_grad():
         probe.net[0].weight.mul_(20)  # spread the scores so thresholds can fall between tokens
     probe.threshold_logit = threshold_logit
     return probe
@@ -155,7 +156,3 @@ def live_server(make_app):
     yield start
     for server in servers:
         server.__exit__(None, None, None)
-
-
-def run_async(coro):
-    return asyncio.run(coro)

@@ -4,7 +4,6 @@ The server runs the monitor's hook inside its own batched loop; these tests pin 
 agree with `circuit_breakers.probes.monitor.monitored_generate_batch` (text, trip, index, max score).
 """
 import pytest
-import torch
 
 from .conftest import HUMAN, MODEL, chat, parse_sse, probe_for, streamed_text, threshold_tripping_at
 

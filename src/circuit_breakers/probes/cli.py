@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     evaluate.add_argument("--model", default="smollm2-135m")
     evaluate.add_argument("--probe", required=True, help="probe directory")
     evaluate.add_argument("--samples", help="an evaluation's samples.jsonl (its label=harmful outputs)")
+    evaluate.add_argument("--samples-model", metavar="NAME", help="only the samples of this `model` field "
+                          "(an evaluation writes e.g. model and baseline samples into one file)")
     evaluate.add_argument("--harmful", action="append", metavar="FILE", help="harmful responses; repeatable "
                           "(default: built-in harmful.test)")
     evaluate.add_argument("--benign", action="append", metavar="FILE", help="benign responses; repeatable "
@@ -117,7 +119,8 @@ def _eval(args) -> int:
         print(f"warning: the probe was trained on {recorded}, evaluating on {args.model}", file=sys.stderr)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     result = evaluate_probe(model, tokenizer, probe, harmful=_files(args.harmful), benign=_files(args.benign),
-                            samples=args.samples, max_tokens_per_item=args.max_tokens_per_item,
+                            samples=args.samples, samples_model=args.samples_model,
+                            max_tokens_per_item=args.max_tokens_per_item,
                             max_length=args.max_length, batch_size=args.batch_size,
                             progress=not args.no_progress)
     if args.json:
