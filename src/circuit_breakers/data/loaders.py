@@ -42,18 +42,25 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row]:
-    count = 0
+def jsonl_objects(path: Path, text: str, error: type[Exception] = DataError) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of `text`, read from `path`; a bad JSON line or
+    a line that is not an object raises `error` naming the file and the line."""
     # split("\n"), not splitlines(): U+2028 may appear unescaped inside JSON strings.
-    for n, line in enumerate(_read_text(path).split("\n"), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {n}: invalid JSON: {e.msg} (column {e.colno})") from None
+            raise error(f"{path} line {n}: invalid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(record, dict):
-            raise DataError(f"{path} line {n}: expected a JSON object, got {type(record).__name__}")
+            raise error(f"{path} line {n}: expected a JSON object, got {type(record).__name__}")
+        yield n, record
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row]:
+    count = 0
+    for n, record in jsonl_objects(path, _read_text(path)):
         count += 1
         yield f"{path} line {n}", f"{path}:{n}", record
     if count == 0:

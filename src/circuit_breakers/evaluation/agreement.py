@@ -17,12 +17,12 @@ the confusion matrix (rows: hand label, columns: judge label, incl. "error").
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..attacks.base import Behavior
+from ..data.loaders import jsonl_objects
 from ..data.schema import DataError
 from ..judges.base import ERROR, LABELS
 
@@ -55,16 +55,8 @@ def load_labelled(path: str | Path) -> list[LabelledOutput]:
         raise DataError(f"{path}: file not found (the hand-labelled set; see docs/labelling.md)") from None
     items: list[LabelledOutput] = []
     seen: dict[str, int] = {}
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
+    for n, record in jsonl_objects(path, text):
         where = f"{path} line {n}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         values = {}
         for field in ("id", "prompt", "prompt_kind", "attack", "model", "output", "label"):
             value = record.get(field)

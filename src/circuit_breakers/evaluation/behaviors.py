@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..attacks.base import Behavior
+from ..data.loaders import jsonl_objects
 from ..data.schema import DataError
 
 HARMBENCH_COLUMNS = ("Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString", "BehaviorID")
@@ -214,17 +215,8 @@ def load_behaviors_jsonl(path: str | Path, targets: dict[str, str] | None = None
     path = Path(path)
     behaviors: list[Behavior] = []
     seen: dict[str, int] = {}
-    # split("\n"), not splitlines(): U+2028 may appear unescaped inside JSON strings.
-    for n, line in enumerate(_read(path).split("\n"), 1):
-        if not line.strip():
-            continue
+    for n, record in jsonl_objects(path, _read(path), BehaviorError):
         where = f"{path} line {n}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise BehaviorError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise BehaviorError(f"{where}: expected a JSON object, got {type(record).__name__}")
         name, request = next(((k, record[k]) for k in ("request", "prompt", "behavior") if record.get(k) is not None),
                              ("request", None))
         if not isinstance(request, str) or not request.strip():
