@@ -254,6 +254,26 @@ def test_gpt2_style_model_trains_and_saves_with_auto_lora_targets(tmp_path, chat
     assert len(saved.transformer.h) == 4 and saved.config.n_layer == 4
 
 
+def test_gemma_model_trains_with_its_scaled_embeddings(chat_tokenizer):
+    """Gemma scales its embeddings inside the decoder: entry 0 is read at block 0's input, so it matches."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(GemmaConfig(vocab_size=len(chat_tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=8, max_position_embeddings=128)).eval()
+    from circuit_breakers.hidden import decoder_hidden_states
+    from circuit_breakers.models import find_architecture
+
+    ids = torch.randint(0, len(chat_tokenizer), (2, 7))
+    reference = model(input_ids=ids, output_hidden_states=True).hidden_states
+    hooked = decoder_hidden_states(find_architecture(model), ids, torch.ones_like(ids), range(5), stop_early=False)
+    assert all(torch.allclose(reference[i], hooked[i], atol=1e-6) for i in range(5))
+    log = _trainer(model, chat_tokenizer, target_layers=[2, 3], steps=3).train().log
+    assert log[0]["rerouting_loss"] == pytest.approx(1.0, abs=1e-6) and log[0]["retain_loss"] == 0.0
+    assert log[-1]["rerouting_loss"] < 1.0
+
+
 # ---------------------------------------------------------------- batches
 
 
