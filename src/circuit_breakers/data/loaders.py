@@ -32,14 +32,15 @@ def _import_datasets():
     return datasets
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path, error: type[Exception] = DataError) -> str:
+    """A data file's text; a missing or non-UTF-8 file raises `error` naming the file."""
     try:
         # utf-8-sig: spreadsheet exports often start with a byte-order mark.
         return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        raise error(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+        raise error(f"{path}: not UTF-8 text ({e})") from None
 
 
 def jsonl_objects(path: Path, text: str, error: type[Exception] = DataError) -> Iterator[tuple[int, dict]]:
@@ -60,7 +61,7 @@ def jsonl_objects(path: Path, text: str, error: type[Exception] = DataError) -> 
 
 def _jsonl_rows(path: Path) -> Iterator[Row]:
     count = 0
-    for n, record in jsonl_objects(path, _read_text(path)):
+    for n, record in jsonl_objects(path, read_text(path)):
         count += 1
         yield f"{path} line {n}", f"{path}:{n}", record
     if count == 0:
@@ -74,7 +75,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def _json_rows(path: Path) -> Iterator[Row]:
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path} line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
     if isinstance(data, dict):
@@ -93,7 +94,7 @@ def _json_rows(path: Path) -> Iterator[Row]:
 
 def _csv_rows(path: Path) -> Iterator[Row]:
     # newline="": quoted cells may hold line breaks; only \r and \n end a row.
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
     count = 0
     for row in reader:
         n = reader.line_num

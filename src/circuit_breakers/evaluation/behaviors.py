@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..attacks.base import Behavior
-from ..data.loaders import jsonl_objects
+from ..data.loaders import jsonl_objects, read_text
 from ..data.schema import DataError
 
 HARMBENCH_COLUMNS = ("Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString", "BehaviorID")
@@ -142,12 +142,7 @@ def derive_target(request: str) -> str:
 
 
 def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise BehaviorError(f"{path}: file not found") from None
-    except UnicodeDecodeError as err:
-        raise BehaviorError(f"{path}: not UTF-8 text ({err})") from None
+    return read_text(path, BehaviorError)
 
 
 def load_targets(path: str | Path) -> dict[str, str]:
