@@ -19,7 +19,11 @@ reference, trainer, ...) so that machine noise hits both alike.
   padded batch, orig and LoRA, every 10th step) is amortised: both are timed after every reference step,
   outside its timed region, and a tenth of their time is added to the step time.
 * "trainer": `circuit_breakers.training.RRTrainer.step` on the same indices (items padded to the longest
-  in the batch, decoder only, hooks keep only the needed hidden states).
+  in the batch, decoder only, hooks keep only the needed hidden states, gradient checkpointing "auto":
+  by memory on cuda, off on cpu; the frozen-state cache off, since no item repeats here as in a first
+  epoch). `--variants` adds trainers that switch one thing (TRAINER_VARIANTS), each on its own copy
+  of the weights; `--match-reference-memory` gives their checkpoint planners the activation budget
+  that the reference's first step leaves, so they are compared at no more memory than it.
 
 Items are token-id sequences with a stated length distribution (see SHAPES/`synthesise_items` and
 benchmarks/README.md). Exit status 1 when the step-1 losses of the two variants disagree by more than
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import gc
 import json
 import math
 import random
@@ -75,6 +80,16 @@ DEFAULTS = {
     ("tiny", "cpu"): (4, 0.25, 3, 1), ("tiny", "cuda"): (4, 0.25, 3, 1),
     ("smollm2-135m", "cpu"): (4, 0.5, 3, 1), ("smollm2-135m", "cuda"): (16, 1.0, 5, 2),
     ("llama3-8b", "cpu"): (1, 0.125, 1, 0), ("llama3-8b", "cuda"): (16, 1.0, 5, 2),
+}
+
+# The trainer's variants a run can compare (--variants): config overrides on top of the trainer's
+# defaults, one model copy each. "trainer" is the default fast path; the others switch one thing.
+TRAINER_VARIANTS = {
+    "trainer": {},
+    "ckpt-all": {"gradient_checkpointing": "true"},
+    "no-ckpt": {"gradient_checkpointing": "false"},
+    "joint-frozen": {"joint_frozen_pass": True},
+    "compiled-loss": {"compile_loss": True},
 }
 
 FLOP_FORMULA = ("useful FLOP per step = 8 * P * N: 2*P*N for the frozen forward + 6*P*N for the forward and "
@@ -362,6 +377,17 @@ class Variant:
     model: object
     optimizer: object
     extra: object = None  # untimed work whose time is amortised into the step (reference validation)
+    trainer: object = None
+
+
+def match_reference_memory(variants: list[Variant], reference_peak: int, device: torch.device) -> None:
+    """Give each trainer's checkpoint planner the activation budget that keeps its step's peak under
+    the reference's (its own weights and optimizer state out of it, then a 10% margin for the
+    frozen states and the allocator)."""
+    for v in variants:
+        planner = getattr(v.trainer, "checkpoint_planner", None)
+        if planner is not None:
+            planner.budget = 0.9 * (reference_peak - resident_bytes(v.model, v.optimizer, device))
 
 
 def _quantiles(values: list[float]) -> tuple[float, float]:
@@ -392,9 +418,15 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group-by-length", action="store_true",
                         help="draw both variants' batches with the trainer's length grouping (default: random batches)")
     parser.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
-                        help="both variants; auto: on for cuda (as the reference), off on cpu")
+                        help="the reference's; auto: on for cuda (as the reference), off on cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own); 1 avoids spin-waiting on a busy machine")
+    parser.add_argument("--variants", default="trainer",
+                        help="comma-separated trainer variants to time against the reference: "
+                             + ", ".join(f"{k} {v or '(defaults)'}" for k, v in TRAINER_VARIANTS.items()))
+    parser.add_argument("--match-reference-memory", action="store_true",
+                        help="cuda: give auto checkpointing the activation budget the reference's first step "
+                             "peak leaves (less 10%%), so that the variants run at no more memory than it")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser
 
@@ -413,6 +445,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.length_scale <= 0:
         raise SystemExit("need --steps >= 1, --warmup >= 0, --batch-size >= 1 and --length-scale > 0")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in TRAINER_VARIANTS]
+    if unknown or not args.variants:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(TRAINER_VARIANTS)}")
     return args
 
 
@@ -441,28 +478,33 @@ def benchmark(args: argparse.Namespace) -> dict:
     config = RRConfig(model="bench", target_layers=layers, batch_size=args.batch_size, lora_dropout=args.lora_dropout,
                       dtype=args.dtype, device=args.device, full_layers=False, reference_length=retain_length,
                       retain_normalization="reference", gradient_checkpointing="true" if checkpointing else "false",
-                      seed=args.seed)
+                      seed=args.seed, frozen_cache_gb=0.0)  # every item is new here, as in a first epoch
 
     started = time.perf_counter()
     base = build_model(args.shape, device, dtype, args.seed)
-    twin = copy.deepcopy(base)
+    twins = [copy.deepcopy(base) for _ in args.variants]
     arch = find_architecture(base)
     block_params = sum(p.numel() for block in arch.blocks for p in block.parameters())
     reference = ReferenceStep(base, config, cb_items, retain_items, half, checkpointing)
     tokenizer = types.SimpleNamespace(pad_token_id=PAD_ID, chat_template=None)
-    trainer = RRTrainer(config, model=twin, tokenizer=tokenizer, circuit_breaker_items=cb_items,
-                        retain_items=retain_items, progress=False)
-    lora_count = sync_and_perturb_lora(reference.model, trainer.model, args.lora_b_std, args.seed + 1)
+    # The trainer's own checkpointing default ("auto": by memory on cuda, off on cpu) unless a variant says.
+    trainer_defaults = {**config.to_dict(), "gradient_checkpointing": "auto"}
+    variants = [Variant("reference", reference.step, reference.model, reference.optimizer, reference.validation)]
+    for name, twin in zip(args.variants, twins):
+        trainer_config = RRConfig.from_dict({**trainer_defaults, **TRAINER_VARIANTS[name]})
+        trainer = RRTrainer(trainer_config, model=twin, tokenizer=tokenizer, circuit_breaker_items=cb_items,
+                            retain_items=retain_items, progress=False)
+        lora_count = sync_and_perturb_lora(reference.model, trainer.model, args.lora_b_std, args.seed + 1)
+        variants.append(Variant(name, trainer.step, trainer.model, trainer.optimizer, trainer=trainer))
+    del twins
     # Lazy imports and first-call set-up inside transformers and peft take seconds on the first forward:
     # one short no-grad forward of each model, outside any timing, pays them.
     with torch.no_grad():
         prime = torch.tensor([[BOS_ID, 5, 6, 7]], device=device)
-        reference.model(input_ids=prime, attention_mask=torch.ones_like(prime), output_hidden_states=True)
-        trainer.model(input_ids=prime, attention_mask=torch.ones_like(prime), use_cache=False)
+        for v in variants:
+            v.model(input_ids=prime, attention_mask=torch.ones_like(prime), use_cache=False)
     setup_s = time.perf_counter() - started
 
-    variants = [Variant("reference", reference.step, reference.model, reference.optimizer, reference.validation),
-                Variant("trainer", trainer.step, trainer.model, trainer.optimizer)]
     probe = MemoryProbe(device)
     samples = {v.name: {"time": [], "memory": [], "records": []} for v in variants}
     real_tokens, trainer_positions = [], []
@@ -473,6 +515,12 @@ def benchmark(args: argparse.Namespace) -> dict:
                                  + len(retain_idx) * max(retain_items[i].length for i in retain_idx))
         for v in variants:
             resident = resident_bytes(v.model, v.optimizer, device)
+            # Untimed: collect the previous variant's garbage and start from an empty allocator cache.
+            # On the H200 the variant timed right after the reference ran up to 2.8x slower whichever it
+            # was (benchmarks/RESULTS.md); this is meant to remove that, and is not verified on a GPU yet.
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             probe.start()
             _sync(device)
             t0 = time.perf_counter()
@@ -486,7 +534,10 @@ def benchmark(args: argparse.Namespace) -> dict:
                 v.extra(retain_idx)
                 _sync(device)
                 elapsed += (time.perf_counter() - t1) / 10
-            samples[v.name]["records"].append({k2: record[k2] for k2 in ("step", "rerouting_loss", "retain_loss")})
+            if v.name == "reference" and k == 0 and args.match_reference_memory and added is not None:
+                match_reference_memory(variants[1:], resident + added, device)
+            samples[v.name]["records"].append({k2: record.get(k2) for k2 in
+                                               ("step", "rerouting_loss", "retain_loss", "blocks_without_checkpointing")})
             if k >= args.warmup:
                 samples[v.name]["time"].append(elapsed)
                 samples[v.name]["memory"].append(None if added is None else resident + added)
@@ -508,21 +559,17 @@ def benchmark(args: argparse.Namespace) -> dict:
             "rerouting_loss_step1": first["rerouting_loss"], "retain_loss_step1": first["retain_loss"],
             "losses_per_step": samples[v.name]["records"],
         })
-    ref_row, fast_row = rows
-    ratios = {"real_tokens_per_s": fast_row["real_tokens_per_s"] / ref_row["real_tokens_per_s"],
-              "peak_memory": (fast_row["peak_memory_gib"] / ref_row["peak_memory_gib"]
-                              if ref_row["peak_memory_gib"] and fast_row["peak_memory_gib"] else None)}
-
     tolerance = 1e-3 if dtype == torch.float32 else 2e-2
-    check = {"tolerance_relative": tolerance, "checked": args.lora_dropout == 0.0}
-    for key in ("rerouting_loss", "retain_loss"):
-        diffs = [_relative(r[key], t[key]) for r, t in zip(ref_row["losses_per_step"], fast_row["losses_per_step"])
-                 if r[key] is not None and t[key] is not None]
-        check[f"{key}_step1_relative_diff"] = diffs[0] if diffs else None
-        check[f"{key}_max_relative_diff_all_steps"] = max(diffs) if diffs else None
-    check["agree"] = all(check[f"{key}_step1_relative_diff"] is not None
-                         and check[f"{key}_step1_relative_diff"] <= tolerance
-                         for key in ("rerouting_loss", "retain_loss")) if check["checked"] else None
+    ref_row = rows[0]
+    for row in rows[1:]:
+        row["ratio_real_tokens_per_s"] = row["real_tokens_per_s"] / ref_row["real_tokens_per_s"]
+        row["ratio_peak_memory"] = (row["peak_memory_gib"] / ref_row["peak_memory_gib"]
+                                    if ref_row["peak_memory_gib"] and row["peak_memory_gib"] else None)
+        row["loss_check"] = loss_check(ref_row, row, tolerance, checked=args.lora_dropout == 0.0)
+    fast_row = rows[1]
+    ratios = {"real_tokens_per_s": fast_row["ratio_real_tokens_per_s"], "peak_memory": fast_row["ratio_peak_memory"]}
+    check = {**fast_row["loss_check"], "agree": (all(r["loss_check"]["agree"] for r in rows[1:])
+                                                 if args.lora_dropout == 0.0 else None)}
 
     return {
         "shape": args.shape, "device": args.device, "device_name": _device_name(device), "dtype": args.dtype,
@@ -543,9 +590,23 @@ def benchmark(args: argparse.Namespace) -> dict:
                          else "cpu: per-step peak unavailable (/proc/self/clear_refs not writable)",
         "process_peak_memory_gib": probe.process_peak / GIB,
         "rows": [{k: v for k, v in row.items()} for row in rows],
-        "ratios_trainer_over_reference": ratios,
+        "ratios_trainer_over_reference": ratios,  # of the first trainer variant
         "loss_check": check,
     }
+
+
+def loss_check(ref_row: dict, row: dict, tolerance: float, *, checked: bool) -> dict:
+    """Step-1 and all-step relative differences of both losses between the reference and a variant."""
+    check = {"tolerance_relative": tolerance, "checked": checked}
+    for key in ("rerouting_loss", "retain_loss"):
+        diffs = [_relative(r[key], t[key]) for r, t in zip(ref_row["losses_per_step"], row["losses_per_step"])
+                 if r[key] is not None and t[key] is not None]
+        check[f"{key}_step1_relative_diff"] = diffs[0] if diffs else None
+        check[f"{key}_max_relative_diff_all_steps"] = max(diffs) if diffs else None
+    check["agree"] = all(check[f"{key}_step1_relative_diff"] is not None
+                         and check[f"{key}_step1_relative_diff"] <= tolerance
+                         for key in ("rerouting_loss", "retain_loss")) if checked else None
+    return check
 
 
 def _relative(a: float, b: float) -> float:
@@ -564,35 +625,44 @@ def format_table(result: dict) -> str:
     lines = [f"RR train step, shape {result['shape']} ({s['kept_blocks']} blocks kept, target layers "
              f"{s['target_layers']}), {result['device_name']}, {result['dtype']}, batch {s['batch_size']}+"
              f"{s['batch_size']}, length scale {s['length_scale']}, {s['steps']} timed steps after {s['warmup']} "
-             f"warmup, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}",
+             f"warmup, reference gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}",
              f"real tokens per step {s['mean_real_tokens_per_step']:.0f}; positions computed per step: reference "
              f"{s['reference_padded_tokens_per_step']} (fixed padding), trainer {s['trainer_padded_tokens_per_step']:.0f} "
              "(each batch padded to its longest item)",
              "",
-             f"{'variant':<10} {'step s median':>13} {'[min, max]':>18} {'IQR':>17} {'real tok/s':>11} "
-             f"{'peak GiB':>9} {'TFLOP/s':>8} {'L_s step1':>11} {'L_r step1':>11}"]
+             f"{'variant':<14} {'step s median':>13} {'[min, max]':>18} {'real tok/s':>11} {'x ref':>6} "
+             f"{'peak GiB':>9} {'x ref':>6} {'TFLOP/s':>8} {'L_s step1':>11} {'L_r step1':>11} {'loss check':>10} "
+             f"{'no-ckpt blocks':>14}"]
     for r in result["rows"]:
         mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
-        lines.append(f"{r['variant']:<10} {r['step_s_median']:>13.3f} "
-                     f"{'[%.3f, %.3f]' % (r['step_s_min'], r['step_s_max']):>18} "
-                     f"{'%.3f-%.3f' % (r['step_s_q1'], r['step_s_q3']):>17} {r['real_tokens_per_s']:>11.0f} "
-                     f"{mem:>9} {r['useful_tflops']:>8.3f} {_fmt(r['rerouting_loss_step1']):>11} "
-                     f"{_fmt(r['retain_loss_step1']):>11}")
+        speed = f"{r['ratio_real_tokens_per_s']:.2f}" if "ratio_real_tokens_per_s" in r else "1"
+        mem_ratio = (f"{r['ratio_peak_memory']:.2f}" if r.get("ratio_peak_memory") is not None
+                     else ("1" if "loss_check" not in r else "n/a"))
+        check = r.get("loss_check")
+        verdict = "-" if check is None else ("n/a" if not check["checked"] else ("OK" if check["agree"] else "DISAGREE"))
+        blocks = sorted({x["blocks_without_checkpointing"] for x in r["losses_per_step"]
+                         if x.get("blocks_without_checkpointing") is not None})
+        lines.append(f"{r['variant']:<14} {r['step_s_median']:>13.3f} "
+                     f"{'[%.3f, %.3f]' % (r['step_s_min'], r['step_s_max']):>18} {r['real_tokens_per_s']:>11.0f} "
+                     f"{speed:>6} {mem:>9} {mem_ratio:>6} {r['useful_tflops']:>8.3f} "
+                     f"{_fmt(r['rerouting_loss_step1']):>11} {_fmt(r['retain_loss_step1']):>11} {verdict:>10} "
+                     f"{(f'{blocks[0]}-{blocks[-1]}' if blocks else '-'):>14}")
     ratios = result["ratios_trainer_over_reference"]
     mem_ratio = f"{ratios['peak_memory']:.2f}x" if ratios["peak_memory"] is not None else "n/a"
     check = result["loss_check"]
-    lines += ["", f"trainer / reference: real tokens/s {ratios['real_tokens_per_s']:.2f}x, peak memory {mem_ratio}"]
+    first = result["rows"][1]["variant"]
+    lines += ["", f"{first} / reference: real tokens/s {ratios['real_tokens_per_s']:.2f}x, peak memory {mem_ratio}"]
     if check["checked"]:
-        lines.append(f"loss agreement at step 1 (before the update): rerouting rel. diff "
+        lines.append(f"loss agreement at step 1 (before the update), {first}: rerouting rel. diff "
                      f"{check['rerouting_loss_step1_relative_diff']:.2e}, retain rel. diff "
-                     f"{check['retain_loss_step1_relative_diff']:.2e} (tolerance {check['tolerance_relative']:.0e}): "
-                     f"{'OK' if check['agree'] else 'DISAGREE'}; max over all steps "
+                     f"{check['retain_loss_step1_relative_diff']:.2e} (tolerance {check['tolerance_relative']:.0e}); "
+                     f"all variants: {'OK' if check['agree'] else 'DISAGREE'}; max over all steps "
                      f"{check['rerouting_loss_max_relative_diff_all_steps']:.2e} / "
                      f"{check['retain_loss_max_relative_diff_all_steps']:.2e}")
     else:
         lines.append("loss agreement not checked (LoRA dropout > 0 draws different masks in each variant)")
     lines += [f"FLOPs: {result['flop_formula']}",
-              f"memory: {result['memory_method']}. Whole process, both variants' models included: peak "
+              f"memory: {result['memory_method']}. Whole process, every variant's model included: peak "
               f"{'allocated' if result['device'] == 'cuda' else 'RSS'} {result['process_peak_memory_gib']:.2f} GiB.",
               f"the reference step time includes {s['validation']}."]
     return "\n".join(lines)

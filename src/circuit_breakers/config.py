@@ -70,9 +70,18 @@ class RRConfig:
     weight_decay: float = _field(0.0, "AdamW weight decay")
     max_grad_norm: float = _field(1.0, "gradient clipping")
     frozen_cache_gb: float = _field(2.0, "memory for caching the frozen model's hidden states per item; 0 = off")
-    gradient_checkpointing: str = _field("auto", "auto (on for GPU), true or false")
+    gradient_checkpointing: str = _field(
+        "auto", "auto (GPU: per batch, as many blocks without checkpointing as activation_memory_gb allows; "
+                "CPU: off), true (every block) or false")
+    activation_memory_gb: float | None = _field(
+        None, "GPU memory the grad pass's activations may use under auto checkpointing "
+              "(default: 80% of the free memory after loading, less frozen_cache_gb)")
+    joint_frozen_pass: bool = _field(False, "one adapter-disabled pass over both sets' batches instead of two")
+    compile_loss: bool = _field(False, "torch.compile the loss functions")
     seed: int = _field(42, "seed for data order, augmentation and LoRA init")
     log_every: int = _field(1, "train-log interval in steps")
+    save_every: int = _field(50, "checkpoint (adapter, optimizer, RNG, data position) every N steps; 0 = off")
+    keep_checkpoints: int = _field(2, "newest checkpoints kept under OUT/checkpoints")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -96,8 +105,13 @@ class RRConfig:
             raise ConfigError(f"target_layers: expected hidden-state entries >= 1, got {self.target_layers}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        if self.save_every < 0 or self.keep_checkpoints < 1:
+            raise ConfigError(f"save_every must be >= 0 (0 = off) and keep_checkpoints >= 1, "
+                              f"got {self.save_every} and {self.keep_checkpoints}")
         if self.schedule_denominator is not None and self.schedule_denominator <= 0:
             raise ConfigError("schedule_denominator: expected a positive integer")
+        if self.activation_memory_gb is not None and self.activation_memory_gb <= 0:
+            raise ConfigError(f"activation_memory_gb: expected a positive number, got {self.activation_memory_gb}")
 
     @property
     def denominator(self) -> int:

@@ -23,10 +23,13 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from . import checkpoint as ckpt
 from . import losses
 from .config import ConfigError, RRConfig, atomic_write_text
 from .data import ChatFormatter, TokenizedExample, collate, tokenize_examples
 from .data.builtin import load_training_sets
+from .distributed import Distributed, from_environment
+from .activation_checkpointing import CheckpointPlanner, measure_activation_bytes_per_token, supports_per_block_checkpointing
 from .hidden import decoder_hidden_states
 from .models import Architecture, DroppedBlocks, base_model_name, drop_blocks_after, find_architecture, load_model, unwrap
 
@@ -113,8 +116,11 @@ class FrozenStateCache:
     def __init__(self) -> None:
         self.items: dict[int, dict[int, torch.Tensor]] = {}
 
+    def has(self, indices: list[int]) -> bool:
+        return all(i in self.items for i in indices)
+
     def get(self, indices: list[int], width: int) -> dict[int, torch.Tensor] | None:
-        if not all(i in self.items for i in indices):
+        if not self.has(indices):
             return None
         first = self.items[indices[0]]
         states = {}
@@ -148,6 +154,7 @@ class RRTrainer:
                  retain_items: list[TokenizedExample] | None = None, progress: bool = True):
         self.config = config
         self.progress = progress
+        self.dist: Distributed = from_environment()  # a no-op object for a single process
         torch.manual_seed(config.seed)
         if model is None:
             model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
@@ -183,9 +190,25 @@ class RRTrainer:
             self.model.enable_input_require_grads()
         self.model.train()
         switch_off_base_dropout(self.model)
+        self.checkpoint_planner = self._plan_checkpointing() if checkpointing else None
+        self._losses = _compiled_losses() if config.compile_loss else (losses.rerouting_loss, losses.retain_loss)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._plan_frozen_caches()
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self._setup_data_parallel()
+
+    def _plan_checkpointing(self) -> CheckpointPlanner | None:
+        """Under `auto` on CUDA, measure what a block keeps per token and checkpoint only what must be."""
+        config = self.config
+        if config.gradient_checkpointing != "auto" or not supports_per_block_checkpointing(self.arch):
+            return None
+        full, checkpointed = measure_activation_bytes_per_token(self.arch, self.retain_entries)
+        if config.activation_memory_gb is not None:
+            budget = config.activation_memory_gb * 2**30
+        else:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = 0.8 * free - config.frozen_cache_gb * 2**30
+        return CheckpointPlanner(self.arch, budget, full, checkpointed)
 
     def _plan_frozen_caches(self) -> None:
         """Cache the frozen states of a whole set when it fits in `frozen_cache_gb` (first come, first served)."""
@@ -225,23 +248,44 @@ class RRTrainer:
         return states
 
     def _trained(self, batch, entries):
+        if self.checkpoint_planner is not None:
+            self.checkpoint_planner.plan(batch["input_ids"].numel())
         return decoder_hidden_states(self.arch, batch["input_ids"], batch["attention_mask"], entries)
 
-    def rerouting_terms(self, batch) -> tuple[torch.Tensor, float]:
+    def _frozen_joint(self, cb_batch, retain_batch):
+        """One adapter-disabled pass over both batches (rows stacked, right-padded to the longer one):
+        the states of a right-padded row do not depend on the padding after it."""
+        if any(cache is not None and cache.has(batch["indices"])
+               for cache, batch in ((self.cb_cache, cb_batch), (self.retain_cache, retain_batch))):
+            return None  # a cached set needs no pass: the other one gets its own
+        width = max(cb_batch["input_ids"].shape[1], retain_batch["input_ids"].shape[1])
+        stack = lambda key: torch.cat([nn.functional.pad(b[key], (0, width - b[key].shape[1]))  # noqa: E731
+                                       for b in (cb_batch, retain_batch)])
+        with torch.no_grad(), self.model.disable_adapter():
+            states = decoder_hidden_states(self.arch, stack("input_ids"), stack("attention_mask"), self.retain_entries)
+        rows, cb_width = cb_batch["input_ids"].shape
+        cb = {entry: states[entry][:rows, :cb_width] for entry in self.target_layers}
+        retain = {entry: value[rows:, :retain_batch["input_ids"].shape[1]] for entry, value in states.items()}
+        for cache, batch, part in ((self.cb_cache, cb_batch, cb), (self.retain_cache, retain_batch, retain)):
+            if cache is not None:
+                cache.put(batch["indices"], part, batch["attention_mask"].sum(dim=1).tolist())
+        return cb, retain
+
+    def rerouting_terms(self, batch, orig=None) -> tuple[torch.Tensor, float]:
         mask = batch["response_mask"] if self.config.reroute_tokens == "response" else batch["attention_mask"]
-        orig = self._frozen(batch, self.target_layers, self.cb_cache)
+        orig = orig if orig is not None else self._frozen(batch, self.target_layers, self.cb_cache)
         lora = self._trained(batch, self.target_layers)
-        loss = losses.rerouting_loss(lora, orig, mask, self.target_layers)
+        loss = self._losses[0](lora, orig, mask, self.target_layers)
         return loss, losses.mean_cosine(lora, orig, mask, self.target_layers)
 
-    def retain_terms(self, batch) -> tuple[torch.Tensor, float]:
+    def retain_terms(self, batch, orig=None) -> tuple[torch.Tensor, float]:
         mask = batch["attention_mask"]
-        orig = self._frozen(batch, self.retain_entries, self.retain_cache)
+        orig = orig if orig is not None else self._frozen(batch, self.retain_entries, self.retain_cache)
         lora = self._trained(batch, self.retain_entries)
-        loss = losses.retain_loss(lora, orig, mask, self.retain_entries,
-                                  normalization=self.config.retain_normalization,
-                                  reference_length=self.config.reference_length,
-                                  relative=self.config.retain_distance == "relative_l2")
+        loss = self._losses[1](lora, orig, mask, self.retain_entries,
+                               normalization=self.config.retain_normalization,
+                               reference_length=self.config.reference_length,
+                               relative=self.config.retain_distance == "relative_l2")
         return loss, losses.mean_cosine(lora, orig, mask, self.target_layers)
 
     def step(self, step: int, cb_indices: list[int], retain_indices: list[int]) -> dict:
@@ -255,19 +299,23 @@ class RRTrainer:
         tokens = 0
         for k in range(micro):
             size = len(cb_indices) // micro
+            retain_batch = self._batch(self.retain_items, retain_indices[k * size:(k + 1) * size])
+            orig_cb = orig_retain = None
             if c_s > 0:  # past the end of the schedule the rerouting term has no weight: skip its passes
                 batch = self._batch(self.cb_items, cb_indices[k * size:(k + 1) * size])
-                loss, cos = self.rerouting_terms(batch)
+                if config.joint_frozen_pass:
+                    orig_cb, orig_retain = self._frozen_joint(batch, retain_batch) or (None, None)
+                loss, cos = self.rerouting_terms(batch, orig_cb)
                 (c_s * loss / micro).backward()
                 totals["rerouting_loss"] += loss.item() / micro
                 totals["cb_cos"] += cos / micro
                 tokens += int(batch["attention_mask"].sum())
-            batch = self._batch(self.retain_items, retain_indices[k * size:(k + 1) * size])
-            loss, cos = self.retain_terms(batch)
+            loss, cos = self.retain_terms(retain_batch, orig_retain)
             (c_r * loss / micro).backward()
             totals["retain_loss"] += loss.item() / micro
             totals["retain_cos"] += cos / micro
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(retain_batch["attention_mask"].sum())
+        self._sync_gradients()  # several processes: average the LoRA gradients once per optimizer step
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -276,36 +324,185 @@ class RRTrainer:
             totals["rerouting_loss"] = totals["cb_cos"] = None
         return {"step": step, "c_s": c_s, "c_r": c_r, **totals, "grad_norm": float(grad_norm),
                 "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens / elapsed,
-                "step_time_s": elapsed}
+                "step_time_s": elapsed, **self._checkpointing_record()}
+
+    def _checkpointing_record(self) -> dict:
+        planner = self.checkpoint_planner
+        return {} if planner is None else {"blocks_without_checkpointing": planner.last_uncheckpointed}
+
+    # ------------------------------------------------------------ several processes
+
+    def _setup_data_parallel(self) -> None:
+        """Under a launcher: check the batch splits evenly, give every process rank 0's LoRA weights."""
+        world, micro = self.dist.world, self.config.grad_accum
+        if self.config.batch_size % (world * micro):
+            raise ConfigError(f"batch_size ({self.config.batch_size}) is the global batch per optimizer step and "
+                              f"must be a multiple of processes x grad_accum ({world} x {micro} = {world * micro})")
+        self.dist.broadcast_(self.trainable)
+
+    def _sync_gradients(self) -> None:
+        """Average the LoRA gradients over processes (one all-reduce per optimizer step; no-op alone)."""
+        if self.dist.active:
+            for p in self.trainable:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.dist.average_([p.grad for p in self.trainable])
+
+    def _shard(self, indices: list[int]) -> list[int]:
+        """This process's contiguous share of a global batch."""
+        size = len(indices) // self.dist.world
+        return indices[self.dist.rank * size:(self.dist.rank + 1) * size]
+
+    def _global_record(self, record: dict) -> dict:
+        """Losses and cosines averaged over processes (each saw an equal share), token rates summed."""
+        if not self.dist.active:
+            return record
+        keys = ("rerouting_loss", "retain_loss", "cb_cos", "retain_cos")
+        values = [record[k] if record[k] is not None else 0.0 for k in keys] + [record["tokens_per_s"]]
+        summed = self.dist.sum_floats(values, self.device)
+        for key, value in zip(keys, summed):
+            if record[key] is not None:
+                record[key] = value / self.dist.world
+        record["tokens_per_s"] = summed[-1]
+        return record
 
     # ------------------------------------------------------------ the loop
 
-    def train(self, output_dir: str | os.PathLike | None = None) -> TrainResult:
+    def train(self, output_dir: str | os.PathLike | None = None, *, resume: str | os.PathLike | bool | None = None
+              ) -> TrainResult:
+        """Train `config.steps` optimizer steps; with `output_dir`, checkpoint every `save_every` steps and
+        save OUT/adapter and OUT/model at the end. `resume`: a checkpoint directory, or True for the
+        newest under OUT/checkpoints (none yet: start at step 1)."""
         config = self.config
         out = Path(output_dir) if output_dir is not None else None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            config.save(out / "config.yaml")
-            log_path = out / "train_log.jsonl"
-            log_path.unlink(missing_ok=True)
+        if resume and out is None:
+            raise ConfigError("resuming needs the run's output directory")
         cb_batches = batch_indices([x.length for x in self.cb_items], config.batch_size, config.seed)
         retain_batches = batch_indices([x.length for x in self.retain_items], config.batch_size, config.seed + 1)
+        fingerprint = ckpt.data_fingerprint(self.cb_items, self.retain_items)
+        start = 0
         log: list[dict] = []
-        bar = _progress(config.steps, self.progress)
-        for step in range(1, config.steps + 1):
-            record = self.step(step, next(cb_batches), next(retain_batches))
-            if not all(math.isfinite(v) for v in (record["retain_loss"], record["grad_norm"])):
-                raise FloatingPointError(f"step {step}: loss or gradient is not finite ({record})")
+        self._last_checkpoint: Path | None = None
+        if out is not None:
+            checkpoint = self.dist.on_main(lambda: self._prepare_output(out, resume))
+            log_path = out / ckpt.LOG_FILE
+            if checkpoint is not None:
+                state = self._load_checkpoint(checkpoint, fingerprint)
+                start = state["step"]
+                for _ in range(state["batches_drawn"]["circuit_breaker"]):
+                    next(cb_batches)
+                for _ in range(state["batches_drawn"]["retain"]):
+                    next(retain_batches)
+                self._last_checkpoint = checkpoint
+                log = ckpt.read_log(log_path, start)
+        if start == 0 and self.dist.active:
+            torch.manual_seed(config.seed + 1 + self.dist.rank)  # independent LoRA-dropout masks per process
+        bar = _progress(config.steps, self.progress and self.dist.is_main, initial=start)
+        for step in range(start + 1, config.steps + 1):
+            record = self.step(step, self._shard(next(cb_batches)), self._shard(next(retain_batches)))
+            record = self._global_record(record)
+            values = {k: record[k] for k in ("rerouting_loss", "retain_loss", "grad_norm") if record[k] is not None}
+            if not all(math.isfinite(v) for v in values.values()):
+                raise ckpt.NonFiniteLossError(self._non_finite_message(step, values, out))
             log.append(record)
-            if out is not None and (step % config.log_every == 0 or step == config.steps):
+            if out is not None and self.dist.is_main and (step % config.log_every == 0 or step == config.steps):
                 with open(log_path, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
+            if out is not None and config.save_every and step % config.save_every == 0:
+                self._save_checkpoint(out, step, fingerprint)
             bar.set_postfix({k: f"{record[k]:.3g}" for k in ("rerouting_loss", "retain_loss", "cb_cos")
                              if record[k] is not None}, refresh=False)
             bar.update(1)
         bar.close()
-        merged = self.save(out) if out is not None else None
-        return TrainResult(out, log, merged, self.tokenizer)
+        merged = self.dist.on_main(lambda: self.save(out), share=False) if out is not None else None
+        return TrainResult(out, log, merged if self.dist.is_main else None, self.tokenizer)
+
+    def _prepare_output(self, out: Path, resume) -> Path | None:
+        """Before the first step (rank 0): the directory is writable and roomy enough, the config and the
+        log are in place; returns the checkpoint to resume from, if any."""
+        config = self.config
+        ckpt.check_writable(out)
+        checkpoint = None
+        if resume is True:
+            found = ckpt.list_checkpoints(out)
+            checkpoint = found[-1] if found else None
+        elif resume:
+            checkpoint = ckpt.resolve_resume(resume)[1]
+        done = json.loads((checkpoint / ckpt.STATE_FILE).read_text())["step"] if checkpoint else 0
+        adapter = ckpt.state_bytes(self.trainable)
+        per_checkpoint = 3 * adapter + 2**16  # LoRA weights + AdamW's two moments (+ RNG and state files)
+        checkpoints = min(config.keep_checkpoints, (config.steps - done) // config.save_every) if config.save_every else 0
+        model = ckpt.state_bytes(list(unwrap(self.model).parameters()))
+        if self.dropped is not None:
+            model += ckpt.state_bytes([p for block in self.dropped.blocks for p in block.parameters()])
+        ckpt.check_free_space(out, checkpoint_bytes=per_checkpoint, checkpoints=checkpoints,
+                              final_bytes={"final adapter": adapter, "merged model": model})
+        ckpt.remove_stale_temporaries(out)
+        config.save(out / "config.yaml")
+        log_path = out / ckpt.LOG_FILE
+        if checkpoint is None:
+            log_path.unlink(missing_ok=True)
+        else:  # steps logged after the checkpoint are done again: drop them (and a half-written line)
+            kept = ckpt.read_log(log_path, done)
+            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+        return checkpoint
+
+    def _non_finite_message(self, step: int, values: dict, out: Path | None) -> str:
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        if self._last_checkpoint is not None:
+            tail = (f"the last good checkpoint is {self._last_checkpoint}; lower lr (or raise max_grad_norm's "
+                    f"strictness) and continue with `circuit-breakers train --resume {out}`")
+        elif out is not None and self.config.save_every:
+            tail = f"no checkpoint had been written yet (save_every={self.config.save_every})"
+        else:
+            tail = "no checkpoints are written (no output directory or save_every=0)"
+        return f"step {step}: loss or gradient norm is not finite ({shown}); training stopped; {tail}"
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, out: Path, step: int, fingerprint: str) -> None:
+        rng = self.dist.gather_objects(ckpt.rng_state())
+        state = {"step": step, "batches_drawn": {"circuit_breaker": step, "retain": step},
+                 "world_size": self.dist.world, "config": self.config.to_dict(), "data_fingerprint": fingerprint}
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp / ckpt.ADAPTER_DIR)
+            torch.save(self.optimizer.state_dict(), tmp / ckpt.OPTIMIZER_FILE)
+            torch.save({"world_size": self.dist.world, "states": rng}, tmp / ckpt.RNG_FILE)
+            atomic_write_text(tmp / ckpt.STATE_FILE, json.dumps(state, indent=1) + "\n")  # last: marks it complete
+        self._last_checkpoint = self.dist.on_main(
+            lambda: ckpt.write_checkpoint(out, step, write, self.config.keep_checkpoints))
+
+    def _load_checkpoint(self, checkpoint: Path, fingerprint: str) -> dict:
+        """Restore LoRA weights, optimizer and RNG states; rank 0 reads, every process gets them."""
+        def read():
+            from safetensors.torch import load_file
+
+            state = json.loads((checkpoint / ckpt.STATE_FILE).read_text())
+            ckpt.check_resumable(state, self.config, fingerprint, checkpoint)
+            adapter = load_file(checkpoint / ckpt.ADAPTER_DIR / "adapter_model.safetensors")
+            optimizer = torch.load(checkpoint / ckpt.OPTIMIZER_FILE, map_location="cpu")
+            # Our own file: python's and numpy's RNG states are plain tuples and arrays, not tensors.
+            rng = torch.load(checkpoint / ckpt.RNG_FILE, map_location="cpu", weights_only=False)
+            return state, adapter, optimizer, rng
+        state, adapter, optimizer, rng = self.dist.on_main(read)
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.model, adapter)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing:
+            raise ConfigError(f"{checkpoint}: the adapter lacks {len(missing)} LoRA weights (e.g. {missing[0]})")
+        self.optimizer.load_state_dict(optimizer)
+        states = rng["states"]
+        if len(states) == self.dist.world:
+            ckpt.set_rng_state(states[self.dist.rank])
+        else:  # another process count: the data order is the same, LoRA-dropout masks are not
+            import warnings
+            warnings.warn(f"{checkpoint} was written by {len(states)} process(es), resumed by {self.dist.world}: "
+                          "LoRA-dropout masks will differ from an uninterrupted run")
+            ckpt.set_rng_state(states[0])
+            torch.manual_seed(self.config.seed + 1 + self.dist.rank + state["step"])
+        return state
 
     # ------------------------------------------------------------ saving
 
@@ -329,6 +526,11 @@ class RRTrainer:
         _atomic_dir(out / "model", write_model)
         self.model = merged
         return merged
+
+
+def _compiled_losses():
+    """The two losses through torch.compile (dynamic shapes: every batch has its own length)."""
+    return (torch.compile(losses.rerouting_loss, dynamic=True), torch.compile(losses.retain_loss, dynamic=True))
 
 
 def _atomic_dir(target: Path, write) -> None:
@@ -372,9 +574,9 @@ The full resolved configuration is in `config.yaml` beside this directory.
 """
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
-    return tqdm(total=total, disable=not enabled, desc="RR training", unit="step")
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="RR training", unit="step")
 
 
 def train(config: RRConfig | None = None, output_dir: str | os.PathLike | None = None, **overrides) -> TrainResult:
