@@ -6,8 +6,9 @@ exactly as an uninterrupted run would:
     adapter/              the LoRA weights (PEFT format: also usable on its own)
     optimizer.pt          AdamW's state
     rng.pt                python, numpy, torch CPU and CUDA RNG states, one entry per process
-    trainer_state.json    the step, how many batches each set's sampler has drawn, the config and a
-                          fingerprint of the tokenised data (resuming on other data is an error)
+    trainer_state.json    the step, how many batches each set's sampler has drawn, the config, a
+                          fingerprint of the tokenised data (resuming on other data is an error) and
+                          the frozen-state cache segments it needs (OUT/checkpoints/frozen-cache/)
 
 It is written into a temporary sibling directory and renamed into place when complete; older
 checkpoints are deleted only after that, keeping the newest `keep_checkpoints`. A run killed at any
@@ -16,7 +17,6 @@ moment therefore leaves at least the last complete checkpoint.
 
 from __future__ import annotations
 
-from array import array
 import hashlib
 import json
 import os
@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import tempfile
+from array import array
 from pathlib import Path
 from typing import Sequence
 
@@ -36,6 +37,7 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 ADAPTER_DIR = "adapter"
+CACHE_DIR = "frozen-cache"
 LOG_FILE = "train_log.jsonl"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -235,6 +237,48 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------- the frozen-state cache
+
+
+def write_cache_segment(out: Path, rank: int, name: str, step: int, items: dict) -> str:
+    """Save cache items {item: {entry: tensor}} added since the last checkpoint; returns the file's name.
+
+    The adapter-disabled model's states never change, so the cache is saved in append-only segments
+    shared by all checkpoints (OUT/checkpoints/frozen-cache/rankR/SET-stepN.safetensors): a resumed run
+    must use the very values the uninterrupted one cached (recomputing them in other batches differs
+    in the last bits, and Adam can amplify that). Each process writes its own, so no state crosses
+    the network; a checkpoint lists the segments it needs."""
+    from safetensors.torch import save_file
+
+    folder = Path(out) / CHECKPOINTS / CACHE_DIR / f"rank{rank}"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{name}-step{step}.safetensors"
+    tensors = {f"{item}.{entry}": value.detach().to("cpu").contiguous()
+               for item, states in items.items() for entry, value in states.items()}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target.name
+
+
+def read_cache_segments(out: Path, rank: int, names: list[str], device) -> dict:
+    from safetensors.torch import load_file
+
+    items: dict[int, dict[int, torch.Tensor]] = {}
+    for name in names:
+        for key, value in load_file(Path(out) / CHECKPOINTS / CACHE_DIR / f"rank{rank}" / name).items():
+            item, entry = (int(x) for x in key.split("."))
+            items.setdefault(item, {})[entry] = value.to(device)
+    return items
 
 
 # ---------------------------------------------------------------- the train log

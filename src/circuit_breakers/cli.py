@@ -50,7 +50,10 @@ def make_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", help="YAML file or shipped recipe name (llama3-8b, mistral-7b, smollm2-135m)")
     train.add_argument("--model", help="hub id, checkpoint directory, .gguf file or smollm2-135m")
-    train.add_argument("--out", required=True, help="output directory")
+    train.add_argument("--out", help="output directory (required unless --resume)")
+    train.add_argument("--resume", metavar="DIR",
+                       help="continue a run: its output directory (newest checkpoint) or one of its "
+                            "checkpoints/step-N; the run's own config is used")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
@@ -66,6 +69,9 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--config", default="smollm2-135m", help="recipe for the demo's training")
     demo.add_argument("--retrain", action="store_true", help="train again even if OUT/model matches the config")
+    demo.add_argument("--no-eval", action="store_true",
+                      help="skip the evaluation (attacks, over-refusal, report in OUT/eval): "
+                           "training and comparison only")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     for _, module in _subcommand_modules():
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
             config = RRConfig.load(recipe_path(args.config), args.overrides)
-            run_demo(config, args.out, retrain=args.retrain)
+            run_demo(config, args.out, retrain=args.retrain, evaluate=not args.no_eval)
             return 0
         for command, module in _subcommand_modules():
             if args.command == command:
@@ -91,20 +97,42 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError) as err:
         print(f"circuit-breakers: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # a NaN or infinite loss: the message names the step and the checkpoint
+        print(f"circuit-breakers: error: {err}", file=sys.stderr)
+        return 1
     return 1
 
 
 def _train(args) -> int:
+    from . import checkpoint as ckpt
+    from .config import parse_overrides
     from .training import RRTrainer
 
     overrides = list(args.overrides)
-    if args.model:
-        overrides.append(f"model={args.model}")
-    config = RRConfig.load(recipe_path(args.config) if args.config else None, overrides)
-    result = RRTrainer(config, progress=not args.no_progress).train(args.out)
-    last = result.log[-1]
-    print(f"saved {result.output_dir}/model (merged) and {result.output_dir}/adapter; "
-          f"last step: rerouting_loss={last['rerouting_loss']} retain_loss={last['retain_loss']:.4g}")
+    resume = None
+    if args.resume:
+        if args.config or args.model:
+            raise ConfigError("--resume continues a run with its own config: drop --config and --model")
+        out, checkpoint = ckpt.resolve_resume(args.resume)
+        if args.out and Path(args.out).resolve() != out.resolve():
+            raise ConfigError(f"--out {args.out} is not the resumed run's directory {out}")
+        config = ckpt.resume_config(out, checkpoint, parse_overrides(overrides))
+        resume = checkpoint or True
+        print(f"resuming {out} from {checkpoint or 'step 0 (no checkpoint was written)'}", file=sys.stderr)
+    else:
+        if not args.out:
+            raise ConfigError("train needs --out (or --resume DIR)")
+        out = Path(args.out)
+        if args.model:
+            overrides.append(f"model={args.model}")
+        config = RRConfig.load(recipe_path(args.config) if args.config else None, overrides)
+    ckpt.check_writable(out)  # before the model loads: a bad --out fails in a second, not after minutes
+    trainer = RRTrainer(config, progress=not args.no_progress)
+    result = trainer.train(out, resume=resume)
+    if trainer.dist.is_main:
+        last = result.log[-1] if result.log else {"rerouting_loss": None, "retain_loss": float("nan")}
+        print(f"saved {result.output_dir}/model (merged) and {result.output_dir}/adapter; "
+              f"last step: rerouting_loss={last['rerouting_loss']} retain_loss={last['retain_loss']:.4g}")
     return 0
 
 

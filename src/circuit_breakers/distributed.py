@@ -1,12 +1,20 @@
 """Several processes, one run: what the trainer needs from `accelerate launch` (or `torchrun`).
 
-Data parallelism for a LoRA-sized trainable set. Every process holds the whole (frozen) model and
-the same LoRA weights; each optimizer step's global batch (`batch_size` items per set) is split into
-one shard per process, and after the backward passes of all micro-batches the LoRA gradients are
-averaged across processes in one all-reduce, so every process clips and steps identically. This
-is what DistributedDataParallel does, without wrapping the model: the trainer runs the decoder
-through hooks and toggles the adapter off for its frozen pass, and a wrapper would only be in the
-way. Only one collective per optimizer step, so gradient accumulation never syncs per micro-batch.
+Two ways to spread a run, chosen from the accelerate config the launcher passes on:
+
+- **Data parallel** (`multi-gpu`, torchrun, and DeepSpeed ZeRO-0/1/2 configs). Every process holds
+  the whole frozen model and the same LoRA weights; each optimizer step's global batch
+  (`batch_size` items per set) is split into one shard per process, and after the backward passes of
+  all micro-batches the LoRA gradients are averaged in one all-reduce, so every process clips and
+  steps identically. This is what DistributedDataParallel does, without wrapping the model (the
+  trainer runs the decoder through hooks and toggles the adapter off for its frozen pass; a wrapper
+  would only be in the way), and with one collective per optimizer step, so gradient accumulation
+  never syncs per micro-batch. ZeRO-1/2 would partition only LoRA's optimizer state and gradients,
+  a few MB: the trainer does not use DeepSpeed's engine for them.
+- **Sharded** (`fsdp`, and DeepSpeed ZeRO-3 configs). As above, plus each decoder block (and the
+  decoder) is sharded with torch FSDP2 (`fully_shard`): every process keeps 1/N of the frozen and
+  LoRA weights and gathers a block's weights for its forward. Gradients are reduce-scattered by
+  FSDP in each backward. Every process still loads the whole model once before sharding it.
 
 A single process (no launcher, or `accelerate launch` with one process) takes none of these paths
 and trains exactly as before. Accelerate is imported only when a launcher started several
@@ -22,26 +30,57 @@ import torch
 
 from .config import ConfigError
 
-SHARDED_ENGINES = ("FSDP", "DEEPSPEED")
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() == "true"
 
 
 def _launched() -> bool:
-    return (int(os.environ.get("WORLD_SIZE", "1")) > 1
-            or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-            or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true")
+    return (int(os.environ.get("WORLD_SIZE", "1")) > 1 or _env_flag("ACCELERATE_USE_FSDP")
+            or _env_flag("ACCELERATE_USE_DEEPSPEED"))
+
+
+def parallel_mode(env: dict | None = None) -> tuple[str, str | None]:
+    """("ddp" or "fsdp", a note to print or None) for the accelerate config the launcher passed on in
+    the environment. Offloading to the CPU or NVMe is refused: the trainer does not implement it."""
+    env = os.environ if env is None else env
+    flag = lambda name: env.get(name, "").lower() == "true"  # noqa: E731
+    if flag("ACCELERATE_USE_FSDP"):
+        if flag("FSDP_OFFLOAD_PARAMS"):
+            raise ConfigError("accelerate config: fsdp_offload_params is not supported by the RR trainer")
+        return "fsdp", None
+    if flag("ACCELERATE_USE_DEEPSPEED"):
+        for key in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
+            if env.get(key, "none").lower() not in ("none", ""):
+                raise ConfigError(f"accelerate config: DeepSpeed offloading ({key.split('_', 3)[-1].lower()}="
+                                  f"{env[key]}) is not supported by the RR trainer")
+        if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none").lower() not in ("none", ""):
+            raise ConfigError("accelerate config: a deepspeed_config_file is not supported; use the shipped "
+                              "deepspeed-zero2 / deepspeed-zero3 configs (zero_stage only)")
+        stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2)
+        if stage >= 3:
+            return "fsdp", ("DeepSpeed ZeRO-3 config: the frozen weights are sharded with torch FSDP2 (the RR "
+                            "trainer does not run DeepSpeed's engine)")
+        return "ddp", (f"DeepSpeed ZeRO-{stage} config: plain data parallelism (ZeRO-{stage} would only partition "
+                       "LoRA's few-MB optimizer state; the RR trainer does not run DeepSpeed's engine)")
+    return "ddp", None
 
 
 class Distributed:
     """The process group as the trainer sees it; every method is a no-op for a single process."""
 
-    def __init__(self, accelerator=None) -> None:
+    def __init__(self, accelerator=None, mode: str = "single") -> None:
         self.accelerator = accelerator
+        self.mode = mode  # single, ddp or fsdp
         if accelerator is None:
             self.rank, self.world, self.engine = 0, 1, "none"
         else:
             self.rank = accelerator.process_index
             self.world = accelerator.num_processes
             self.engine = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)).upper()
+
+    @property
+    def sharded(self) -> bool:
+        return self.mode == "fsdp"
 
     @property
     def is_main(self) -> bool:
@@ -123,12 +162,14 @@ def from_environment() -> Distributed:
     """The current process group: started by `accelerate launch` or `torchrun`, or a single process."""
     if not _launched():
         return Distributed()
+    mode, note = parallel_mode()
     from accelerate import Accelerator  # sets up the process group (NCCL on GPUs, gloo on CPUs) and the device
 
-    dist = Distributed(Accelerator())
-    if dist.engine in SHARDED_ENGINES:
-        raise ConfigError(
-            f"accelerate config asks for {dist.engine}: the RR trainer runs data parallel (DDP-style, every "
-            "process holds the frozen model and averages the LoRA gradients); sharded engines are not "
-            "supported yet. Use --accelerate-config multi-gpu (see README, Multi-GPU and multi-node)")
+    # No GPU (or `accelerate launch --cpu`): gloo over CPU processes, as under torchrun on a CPU machine.
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" or not torch.cuda.is_available()
+    dist = Distributed(Accelerator(cpu=cpu), mode)
+    if not dist.active and mode == "ddp":
+        dist.mode = "single"
+    if note and dist.is_main:
+        print(f"circuit-breakers: {note}", flush=True)
     return dist

@@ -31,7 +31,8 @@ from .data.builtin import load_training_sets
 from .distributed import Distributed, from_environment
 from .activation_checkpointing import CheckpointPlanner, measure_activation_bytes_per_token, supports_per_block_checkpointing
 from .hidden import decoder_hidden_states
-from .models import Architecture, DroppedBlocks, base_model_name, drop_blocks_after, find_architecture, load_model, unwrap
+from .models import (Architecture, DroppedBlocks, base_model_name, drop_blocks_after, find_architecture, load_model,
+                     resolve_dtype, unwrap)
 
 
 # ---------------------------------------------------------------- batches
@@ -339,10 +340,45 @@ class RRTrainer:
             raise ConfigError(f"batch_size ({self.config.batch_size}) is the global batch per optimizer step and "
                               f"must be a multiple of processes x grad_accum ({world} x {micro} = {world * micro})")
         self.dist.broadcast_(self.trainable)
+        if self.dist.sharded:
+            self._shard_model()
+
+    def _shard_model(self) -> None:
+        """FSDP2: shard each decoder block, then the decoder (embeddings, final norm), over all processes.
+        The parameters become DTensors, so the optimizer is made again over them."""
+        from torch.distributed.fsdp import fully_shard
+
+        for block in self.arch.blocks:
+            fully_shard(block)
+        fully_shard(self.arch.decoder)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def _lora_names(self) -> dict[str, str]:
+        """{name in an adapter file: parameter name} (PEFT drops the adapter name from saved keys)."""
+        adapter = f".{self.model.active_adapter}."
+        return {name.replace(adapter, "."): name for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def _full_lora_state(self) -> dict[str, torch.Tensor] | None:
+        """Sharded: the whole LoRA weights gathered from all processes (a collective: every process
+        calls it), on the CPU. None otherwise (PEFT reads the model's own)."""
+        if not self.dist.sharded:
+            return None
+        return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+                for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def _optimizer_state(self) -> dict:
+        if not self.dist.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def _sync_gradients(self) -> None:
-        """Average the LoRA gradients over processes (one all-reduce per optimizer step; no-op alone)."""
-        if self.dist.active:
+        """Average the LoRA gradients over processes (one all-reduce per optimizer step; no-op alone;
+        FSDP reduce-scatters them itself in each backward)."""
+        if self.dist.active and not self.dist.sharded:
             for p in self.trainable:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -414,7 +450,11 @@ class RRTrainer:
                              if record[k] is not None}, refresh=False)
             bar.update(1)
         bar.close()
-        merged = self.dist.on_main(lambda: self.save(out), share=False) if out is not None else None
+        merged = None
+        if out is not None:
+            lora = self._full_lora_state()  # sharded: gathered by every process; else None
+            merged = self.dist.on_main(lambda: self.save(out) if lora is None else self._save_sharded(out, lora),
+                                       share=False)
         return TrainResult(out, log, merged if self.dist.is_main else None, self.tokenizer)
 
     def _prepare_output(self, out: Path, resume) -> Path | None:
@@ -460,14 +500,45 @@ class RRTrainer:
 
     # ------------------------------------------------------------ checkpoints
 
+    def _frozen_caches(self) -> dict[str, FrozenStateCache]:
+        return {name: cache for name, cache in (("circuit_breaker", self.cb_cache), ("retain", self.retain_cache))
+                if cache is not None}
+
+    def _save_cache_segments(self, out: Path, step: int) -> dict[str, list[str]]:
+        """This process's frozen-cache items added since the last checkpoint, appended as new segments;
+        returns every segment this process's caches consist of."""
+        segments = getattr(self, "_cache_segments", None)
+        if segments is None:
+            segments = self._cache_segments = {"files": {}, "saved": {}}
+        for name, cache in self._frozen_caches().items():
+            saved = segments["saved"].setdefault(name, set())
+            new = {i: states for i, states in cache.items.items() if i not in saved}
+            if new:
+                file = ckpt.write_cache_segment(out, self.dist.rank, name, step, new)
+                segments["files"].setdefault(name, []).append(file)
+                saved.update(new)
+        return {name: list(files) for name, files in segments["files"].items()}
+
     def _save_checkpoint(self, out: Path, step: int, fingerprint: str) -> None:
         rng = self.dist.gather_objects(ckpt.rng_state())
+        try:
+            outcome = (self._save_cache_segments(out, step), None)
+        except OSError as err:
+            outcome = (None, err)
+        outcomes = self.dist.gather_objects(outcome)
+        for _, err in outcomes:
+            if err is not None:
+                raise err
         state = {"step": step, "batches_drawn": {"circuit_breaker": step, "retain": step},
-                 "world_size": self.dist.world, "config": self.config.to_dict(), "data_fingerprint": fingerprint}
+                 "world_size": self.dist.world, "parallel": self.dist.mode, "config": self.config.to_dict(),
+                 "data_fingerprint": fingerprint,
+                 "frozen_cache": [segments for segments, _ in outcomes]}
+
+        lora, optimizer = self._full_lora_state(), self._optimizer_state()  # collectives when sharded
 
         def write(tmp: Path) -> None:
-            self.model.save_pretrained(tmp / ckpt.ADAPTER_DIR)
-            torch.save(self.optimizer.state_dict(), tmp / ckpt.OPTIMIZER_FILE)
+            self.model.save_pretrained(tmp / ckpt.ADAPTER_DIR, state_dict=lora)
+            torch.save(optimizer, tmp / ckpt.OPTIMIZER_FILE)
             torch.save({"world_size": self.dist.world, "states": rng}, tmp / ckpt.RNG_FILE)
             atomic_write_text(tmp / ckpt.STATE_FILE, json.dumps(state, indent=1) + "\n")  # last: marks it complete
         self._last_checkpoint = self.dist.on_main(
@@ -486,16 +557,21 @@ class RRTrainer:
             rng = torch.load(checkpoint / ckpt.RNG_FILE, map_location="cpu", weights_only=False)
             return state, adapter, optimizer, rng
         state, adapter, optimizer, rng = self.dist.on_main(read)
-        from peft.utils import set_peft_model_state_dict
+        if (state.get("parallel") == "fsdp") != self.dist.sharded:  # the optimizer state's layout differs
+            raise ConfigError(f"{checkpoint} was written by a {state.get('parallel', 'single')} run; "
+                              f"resume it the same way (this run is {self.dist.mode})")
+        self._load_adapter(adapter, checkpoint)
+        if self.dist.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        result = set_peft_model_state_dict(self.model, adapter)
-        missing = [k for k in result.missing_keys if "lora_" in k]
-        if missing:
-            raise ConfigError(f"{checkpoint}: the adapter lacks {len(missing)} LoRA weights (e.g. {missing[0]})")
-        self.optimizer.load_state_dict(optimizer)
+            set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=optimizer,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(optimizer)
         states = rng["states"]
         if len(states) == self.dist.world:
             ckpt.set_rng_state(states[self.dist.rank])
+            self._restore_frozen_caches(checkpoint.parent.parent, state.get("frozen_cache") or [])
         else:  # another process count: the data order is the same, LoRA-dropout masks are not
             import warnings
             warnings.warn(f"{checkpoint} was written by {len(states)} process(es), resumed by {self.dist.world}: "
@@ -504,7 +580,54 @@ class RRTrainer:
             torch.manual_seed(self.config.seed + 1 + self.dist.rank + state["step"])
         return state
 
+    def _load_adapter(self, adapter: dict[str, torch.Tensor], checkpoint: Path) -> None:
+        names = self._lora_names()
+        missing = sorted(set(names) - set(adapter))
+        if missing:
+            raise ConfigError(f"{checkpoint}: the adapter lacks {len(missing)} LoRA weights (e.g. {missing[0]})")
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for key, name in names.items():
+                p, value = params[name], adapter[key]
+                if hasattr(p, "device_mesh"):  # a DTensor shard: keep this process's part of the whole
+                    from torch.distributed.tensor import distribute_tensor
+                    value = distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+                p.copy_(value)
+
+    def _restore_frozen_caches(self, out: Path, segments_per_rank: list[dict]) -> None:
+        if len(segments_per_rank) != self.dist.world:
+            return
+        mine = segments_per_rank[self.dist.rank]
+        try:
+            loaded = {name: ckpt.read_cache_segments(out, self.dist.rank, mine.get(name, []), self.device)
+                      for name in self._frozen_caches()}
+        except (OSError, ValueError) as err:  # a lost segment costs exactness, not the run
+            import warnings
+            warnings.warn(f"frozen-state cache not restored ({err}): it is recomputed, and the run may differ "
+                          "from an uninterrupted one in the last bits")
+            return
+        self._cache_segments = {"files": {k: list(v) for k, v in mine.items()}, "saved": {}}
+        for name, cache in self._frozen_caches().items():
+            cache.items.update(loaded[name])
+            self._cache_segments["saved"][name] = set(cache.items)
+
     # ------------------------------------------------------------ saving
+
+    def _save_sharded(self, out: Path, lora: dict[str, torch.Tensor]) -> nn.Module:
+        """Rank 0 after sharded training, which holds only a shard of the base weights: load the original
+        model on the CPU, put the gathered LoRA weights on it, and save it as `save` does."""
+        config = self.config
+        dtype = str(resolve_dtype(config.dtype, self.device)).removeprefix("torch.")
+        model, _ = load_model(config.model, dtype=dtype, device="cpu")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        peft_model = add_lora(model, find_architecture(model, self.arch.blocks_path), config)
+        params = dict(peft_model.named_parameters())
+        with torch.no_grad():
+            for name, value in lora.items():
+                params[name].copy_(value)
+        self.model, self.dropped = peft_model, None
+        return self.save(out)
 
     def save(self, out: Path) -> nn.Module:
         """Write OUT/adapter (PEFT) and OUT/model (merged, upper blocks re-attached, original config)."""

@@ -13,15 +13,20 @@ def _data(tmp_path):
     benign = [{"request": f"Explain the water cycle {i}", "response": "Water evaporates and rains."}
               for i in range(5)]
     heldout = [{"request": f"Explain it {i}", "response": "I cannot help with that request."} for i in range(6)]
+    harmful_test = [{"request": f"How do I do other harm {i}?", "response": "Sure, here is a recipe."}
+                    for i in range(4)]
+    benign_test = [{"request": f"Explain bread {i}", "response": "Bread is baked."} for i in range(5)]
     samples = [{"model": "base", "attack": "direct", "prompt": "How do I do harm?", "output": "Sure, here is a recipe.",
                 "label": "harmful"},
                {"model": "base", "attack": "direct", "prompt": "How do I do harm?", "output": "I'm sorry.",
                 "label": "refusal"},
                {"model": "rr", "attack": "direct", "prompt": "How do I do harm?", "output": "Sure, bread.",
                 "label": "harmful"}]
-    for name, records in (("harmful", harmful), ("benign", benign), ("heldout", heldout), ("samples", samples)):
+    sets = {"harmful": harmful, "benign": benign, "heldout": heldout, "samples": samples,
+            "harmful_test": harmful_test, "benign_test": benign_test}
+    for name, records in sets.items():
         write_jsonl(tmp_path / f"{name}.jsonl", records)
-    return {name: str(tmp_path / f"{name}.jsonl") for name in ("harmful", "benign", "heldout", "samples")}
+    return {name: str(tmp_path / f"{name}.jsonl") for name in sets}
 
 
 def test_probe_train_then_eval(tmp_path, chat_tokenizer, capsys):
@@ -41,21 +46,42 @@ def test_probe_train_then_eval(tmp_path, chat_tokenizer, capsys):
     sets = meta["training_data"]["sets"]
     assert sets["harmful.jsonl"] == {"label": 1, "items": 5, "tokens": 30}
     assert sets["benign.jsonl"]["label"] == 0 and sets["heldout.jsonl"]["items"] == 6
-    assert meta["calibration"]["achieved_fpr"] <= 0.2
+    calibration = meta["calibration"]
+    assert calibration["achieved_fpr"] <= 0.2 and calibration["tripped"] == 1  # floor(0.2 * 6) of 6
+    assert calibration["source"] == "heldout" and calibration["sets"]["heldout.jsonl"]["items"] == 6
+    assert len(meta["item_ids"]["calibration"]) == 6 and len(meta["item_ids"]["training"]) == 10
+    assert not set(meta["item_ids"]["calibration"]) & set(meta["item_ids"]["training"])
 
     report = tmp_path / "eval.json"
-    code = main(["probe", "eval", "--model", str(ckpt), "--probe", str(out), "--harmful", files["harmful"],
-                 "--benign", files["heldout"], "--samples", files["samples"], "--samples-model", "base",
-                 "--json", str(report),
-                 "--no-progress"])
+    evaluate = ["probe", "eval", "--model", str(ckpt), "--probe", str(out), "--no-progress"]
+    code = main(evaluate + ["--harmful", files["harmful_test"], "--benign", files["benign_test"],
+                            "--samples", files["samples"], "--samples-model", "base", "--json", str(report)])
     assert code == 0, capsys.readouterr().err
     table = capsys.readouterr().out
-    assert "harmful.jsonl" in table and "attack direct" in table and "attacks (all)" in table
+    assert "harmful_test.jsonl" in table and "attack direct" in table and "attacks (all)" in table
+    assert "threshold calibrated on 6 responses (heldout.jsonl 6): calibration FPR 1/6 = 0.167" in table
     result = json.loads(report.read_text())
-    assert result["sets"]["heldout.jsonl"]["metric"] == "fpr" and result["sets"]["heldout.jsonl"]["rate"] <= 0.2
+    assert result["independence"] == "checked"
+    assert result["sets"]["benign_test.jsonl"]["metric"] == "fpr"
+    assert result["sets"]["benign_test.jsonl"]["responses"] == 5
     assert result["sets"]["attack direct"]["responses"] == 1  # the base model's label=harmful line only
     assert result["sets"]["attacks (all)"]["responses"] == 1
-    assert result["sets"]["harmful.jsonl"]["responses"] == 5
+    assert result["sets"]["harmful_test.jsonl"]["responses"] == 4
+
+    # FPR on the calibration responses, or TPR on the fitted ones, would be in-sample: refused ...
+    code = main(evaluate + ["--harmful", files["harmful_test"], "--benign", files["heldout"]])
+    err = capsys.readouterr().err
+    assert code == 2 and "refusing to report in-sample rates: heldout.jsonl: 6 of 6 responses calibrated" in err
+    code = main(evaluate + ["--harmful", files["harmful"], "--benign", files["benign_test"]])
+    assert code == 2 and "harmful.jsonl: 0 of 5 responses calibrated the threshold, 5 were fitted on" in \
+        capsys.readouterr().err
+    # ... unless asked for, and then marked
+    code = main(evaluate + ["--harmful", files["harmful_test"], "--benign", files["heldout"], "--allow-overlap",
+                            "--json", str(report)])
+    captured = capsys.readouterr()
+    assert code == 0 and "WARNING: IN-SAMPLE: heldout.jsonl" in captured.err
+    assert "IN-SAMPLE (6 calibration, 0 fitted items)" in captured.out
+    assert json.loads(report.read_text())["sets"]["heldout.jsonl"]["overlap"]["calibration"] == 6
 
 
 def test_probe_eval_reports_a_broken_probe(tmp_path, capsys):

@@ -61,7 +61,8 @@ def _trained(kind="mlp"):
     X, y = _blobs()
     probe = make_probe(kind, 16, seed=1, layer=3).fit(X, y, epochs=2, batch_size=128)
     probe.calibrate(X[y == 0], torch.arange(int((y == 0).sum())) // 3, 0.05)
-    probe.info.update(base_model="tiny", training_data={"sets": {"harm": {"items": 1, "tokens": 100}}})
+    probe.info.update(base_model="tiny", training_data={"sets": {"harm": {"items": 1, "tokens": 100}}},
+                      item_ids={"training": ["a1"], "calibration": ["b2"]})
     return probe, X
 
 
@@ -75,10 +76,12 @@ def test_save_load_round_trip(tmp_path, kind):
         assert key in meta
     assert meta["kind"] == kind and meta["layer"] == 3 and meta["target_fpr"] == 0.05 and meta["hidden_size"] == 16
     assert meta["calibration"]["achieved_fpr"] <= 0.05
+    assert meta["calibration"]["tripped"] == math.floor(0.05 * meta["calibration"]["responses"])
     loaded = load_probe(tmp_path / "p")
     assert torch.equal(loaded.scores(X), probe.scores(X))
     assert loaded.threshold_logit == probe.threshold_logit and loaded.layer == 3 and loaded.kind == kind
     assert loaded.info["base_model"] == "tiny"
+    assert loaded.info["item_ids"] == {"training": ["a1"], "calibration": ["b2"]}
 
 
 def _edit(path, **changes):
@@ -106,6 +109,9 @@ def test_load_errors_name_the_file_and_field(tmp_path):
         load_probe(d)
     _edit(d / "probe.json", threshold=None, layer="top")
     with pytest.raises(ProbeError, match=r'field "layer"'):
+        load_probe(d)
+    _edit(d / "probe.json", layer=3, item_ids={"calibration": "abc"})
+    with pytest.raises(ProbeError, match=r'field "item_ids"'):
         load_probe(d)
     (d / "probe.json").write_text("{not json")
     with pytest.raises(ProbeError, match="probe.json: not valid JSON"):

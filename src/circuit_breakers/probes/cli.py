@@ -16,15 +16,21 @@ def register(subparsers) -> None:
     train.add_argument("--layer", type=int, help="hidden-state entry (block l-1's output); "
                        "default: measured for smollm2-135m (20), else the middle of the stack")
     train.add_argument("--kind", choices=("linear", "mlp"), default="linear")
-    train.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate on held-out benign "
-                       "responses (default 0.01)")
+    train.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate on the calibration "
+                       "responses, held-out benign ones the probe is not fitted on (default 0.01)")
     train.add_argument("--out", required=True, help="output directory (probe.safetensors, probe.json)")
     train.add_argument("--positive", action="append", metavar="FILE",
                        help="harmful (circuit-breaker) data; repeatable (default: built-in harmful.train)")
     train.add_argument("--negative", action="append", metavar="FILE",
                        help="retain data; repeatable (default: built-in benign/borderline/refusal train)")
     train.add_argument("--heldout", action="append", metavar="FILE",
-                       help="benign responses to calibrate on; repeatable (default: benign/borderline test)")
+                       help="benign responses to calibrate on; repeatable (default: a held-out part of the "
+                       "negative sets, built-in: of benign.train and borderline.train; see "
+                       "--calibration-fraction)")
+    train.add_argument("--calibration-fraction", type=float, default=0.2, metavar="F",
+                       help="without --heldout: the fraction of every category of the benign retain sets "
+                       "(built-in: benign.train, borderline.train; else every --negative file) held out from "
+                       "fitting to calibrate the threshold on, by item with a fixed seed (default 0.2)")
     train.add_argument("--max-tokens-per-item", type=int, help="first N response tokens of every training item "
                        "only (calibration always scores whole responses)")
     train.add_argument("--max-length", type=int, default=1024)
@@ -43,6 +49,9 @@ def register(subparsers) -> None:
                           "(default: built-in harmful.test)")
     evaluate.add_argument("--benign", action="append", metavar="FILE", help="benign responses; repeatable "
                           "(default: built-in benign.test and borderline.test)")
+    evaluate.add_argument("--allow-overlap", action="store_true", help="report sets that hold items the probe "
+                          "was fitted or calibrated on (refused by default: their rates are in-sample), marked "
+                          "IN-SAMPLE")
     evaluate.add_argument("--max-tokens-per-item", type=int, help="first N response tokens of every item only")
     evaluate.add_argument("--max-length", type=int, default=1024)
     evaluate.add_argument("--json", metavar="FILE", help="also write the result as JSON")
@@ -73,10 +82,23 @@ def _files(paths: list[str] | None) -> dict | None:
 def run(args) -> int:
     from .probe import ProbeError
 
+    import warnings
+
+    from .splits import ProbeOverlapWarning
+
     try:
-        if args.probe_command == "train":
-            return _train(args)
-        return _eval(args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ProbeOverlapWarning)
+            try:
+                if args.probe_command == "train":
+                    return _train(args)
+                return _eval(args)
+            finally:
+                for w in caught:
+                    if issubclass(w.category, ProbeOverlapWarning):
+                        print(f"circuit-breakers: WARNING: {w.message}", file=sys.stderr)
+                    else:  # someone else's warning: show it as Python would have
+                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     except ProbeError as err:
         print(f"circuit-breakers: error: {err}", file=sys.stderr)
         return 2
@@ -89,18 +111,23 @@ def _train(args) -> int:
 
     if not 0.0 <= args.fpr < 1.0:
         raise ProbeError(f"--fpr must be in [0, 1), got {args.fpr}")
+    if not 0.0 < args.calibration_fraction < 1.0:
+        raise ProbeError(f"--calibration-fraction must be in (0, 1), got {args.calibration_fraction}")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     probe = train_probe(model, tokenizer, args.layer, args.kind, args.fpr, args.out,
                         positive=_files(args.positive), negative=_files(args.negative),
-                        heldout_benign=_files(args.heldout), seed=args.seed,
+                        heldout_benign=_files(args.heldout), calibration_fraction=args.calibration_fraction,
+                        seed=args.seed,
                         max_tokens_per_item=args.max_tokens_per_item, max_length=args.max_length,
                         batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
                         base_model=args.model,
                         progress=not args.no_progress)
     calibration = probe.info.get("calibration", {})
+    sets = " + ".join(f"{name} {s['items']}" for name, s in calibration.get("sets", {}).items())
     print(f"saved {args.out}/probe.safetensors and probe.json: {probe.kind} probe at layer {probe.layer}, "
           f"threshold {probe.threshold:.4g} (logit {probe.threshold_logit:.4g}) for FPR <= {args.fpr} on "
-          f"{calibration.get('responses')} held-out benign responses (achieved {calibration.get('achieved_fpr'):.3f}); "
+          f"{calibration.get('responses')} calibration responses not fitted on ({sets}; achieved "
+          f"{calibration.get('tripped')}/{calibration.get('responses')} = {calibration.get('achieved_fpr'):.3f}); "
           f"final training loss {probe.history[-1]:.4f}")
     return 0
 
@@ -122,7 +149,7 @@ def _eval(args) -> int:
                             samples=args.samples, samples_model=args.samples_model,
                             max_tokens_per_item=args.max_tokens_per_item,
                             max_length=args.max_length, batch_size=args.batch_size,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, allow_overlap=args.allow_overlap)
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
     return 0

@@ -6,9 +6,15 @@ A response counts as halted when any of its tokens scores above the probe's thre
 monitor. Defaults: TPR on the held-out harmful responses (generated harmful.test) and, with
 `samples`, on the harmful outputs an evaluation's attacks produced (`samples.jsonl` lines with
 `prompt`, `output`, `label`; those with label "harmful"; one row per attack and one for all); FPR on
-benign.test and borderline.test. The default train_probe calibrates its threshold on those same
-benign/borderline test responses, so their FPR is at most the target by construction; pass other
-benign sets for an independent figure.
+benign.test and borderline.test. The default train_probe calibrates its threshold on a held-out part
+of benign.train and borderline.train (train.py), so these FPRs are on responses the probe never saw.
+
+Independence is checked, not assumed: probe.json records the content keys of the items the probe was
+fitted on and calibrated on (`item_ids`), and `evaluate_probe` refuses (`ProbeError`) any set holding
+one of them, since its rate would be in-sample (an FPR on calibration items is at most the target by
+construction). `allow_overlap=True` (CLI `--allow-overlap`) reports anyway, with a loud warning and
+the row marked. A probe without `item_ids` (older files) cannot be checked: a warning says so.
+The calibration the threshold came from (sets, responses, halted, achieved FPR) is in the result.
 
 An attack sample is scored in the context the model saw: `extra.prompt_text` (the rendered prompt,
 adversarial suffix or prefilled assistant text included) when the line has it, with a prefill
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -29,7 +36,8 @@ import torch
 from ..data.formatting import ChatFormatter, TokenizedExample
 from ..data.schema import DataError, Example
 from .features import response_token_features
-from .probe import Probe, response_max
+from .probe import Probe, ProbeError, response_max
+from .splits import ProbeOverlapWarning, item_key
 
 
 @dataclass(frozen=True)
@@ -140,12 +148,16 @@ def evaluate_probe(model, tokenizer, probe: Probe, *, harmful: Mapping[str, Sequ
                    benign: Mapping[str, Sequence[Example]] | None = None,
                    samples: str | os.PathLike | None = None, samples_model: str | None = None,
                    max_tokens_per_item: int | None = None, max_length: int = 1024, batch_size: int = 8,
-                   progress: bool = False, print_table: bool = True) -> dict:
+                   progress: bool = False, print_table: bool = True, allow_overlap: bool = False) -> dict:
     """TPR on harmful sets and attack samples, FPR on benign sets; returns a dict, prints a table.
 
     `result["sets"][name]` = {"metric": "tpr"|"fpr", "responses", "halted", "rate"}; attack samples
     give one row per attack ("attack <name>") and "attacks (all)". `result["auroc"]`: per-response
-    AUROC of every harmful row (attacks included) against every benign row.
+    AUROC of every harmful row (attacks included) against every benign row. `result["calibration"]`:
+    what the threshold was calibrated on (from probe.json). Raises ProbeError when a set holds items
+    the probe was fitted or calibrated on, unless `allow_overlap` (then the row has an "overlap"
+    entry and a ProbeOverlapWarning is issued); `result["independence"]` is "checked" or, for a
+    probe without recorded item keys, "unchecked".
     """
     if probe.layer is None or probe.threshold_logit is None:
         raise ValueError("evaluate_probe needs a probe with a layer and a calibrated threshold")
@@ -170,6 +182,7 @@ def evaluate_probe(model, tokenizer, probe: Probe, *, harmful: Mapping[str, Sequ
     named = [(name, "tpr", list(v)) for name, v in harmful.items()]
     named += [(f"attack {name}", "tpr", v) for name, v in attacks.items()]
     named += [(name, "fpr", list(v)) for name, v in benign.items()]
+    overlaps, independence = _check_overlap(probe, named, allow_overlap)
     for name, metric, examples in named:
         logits = response_logits(model, tokenizer, probe, examples, desc=name, **options) if examples else None
         if logits is not None:
@@ -180,6 +193,8 @@ def evaluate_probe(model, tokenizer, probe: Probe, *, harmful: Mapping[str, Sequ
         row("attacks (all)", "tpr", torch.cat(found) if found else None)
         order = [n for n, m, _ in named if m == "tpr"] + ["attacks (all)"] + [n for n, m, _ in named if m == "fpr"]
         rows = {name: rows[name] for name in order}
+    for name, counts in overlaps.items():
+        rows[name]["overlap"] = counts
     pos = [l for m, l in maxima.values() if m == "tpr"]
     neg = [l for m, l in maxima.values() if m == "fpr"]
     result = {
@@ -187,10 +202,44 @@ def evaluate_probe(model, tokenizer, probe: Probe, *, harmful: Mapping[str, Sequ
         "threshold_logit": probe.threshold_logit, "target_fpr": probe.target_fpr,
         "max_tokens_per_item": max_tokens_per_item, "samples": str(samples) if samples is not None else None,
         "sets": rows, "auroc": auroc(torch.cat(pos), torch.cat(neg)) if pos and neg else None,
+        "calibration": {k: v for k, v in (probe.info.get("calibration") or {}).items()},
+        "independence": independence,
     }
     if print_table:
         print(format_table(result))
     return result
+
+
+def _check_overlap(probe: Probe, named: list, allow_overlap: bool) -> tuple[dict, str]:
+    """({set name: {"fitted", "calibration", "responses"}} for overlapping sets, "checked"|"unchecked")."""
+    ids = probe.info.get("item_ids") or {}
+    if "calibration" not in ids:
+        warnings.warn("the probe's probe.json records no item keys (`item_ids`; a probe trained before they were "
+                      "recorded): cannot check that the evaluation sets are disjoint from the items it was fitted "
+                      "and calibrated on. Probes of that version calibrated on benign.test and borderline.test "
+                      "by default, so their FPR there is in-sample. Retrain it for a checked evaluation.",
+                      ProbeOverlapWarning, stacklevel=3)
+        return {}, "unchecked"
+    calibrated, fitted = set(ids.get("calibration", ())), set(ids.get("training", ()))
+    overlaps = {}
+    for name, _, examples in named:
+        keys = [item_key(e) for e in examples]
+        counts = {"fitted": sum(k in fitted for k in keys), "calibration": sum(k in calibrated for k in keys)}
+        if counts["fitted"] or counts["calibration"]:
+            overlaps[name] = dict(counts, responses=len(keys))
+    if not overlaps:
+        return {}, "checked"
+    detail = "; ".join(f"{name}: {c['calibration']} of {c['responses']} responses calibrated the threshold, "
+                       f"{c['fitted']} were fitted on" for name, c in overlaps.items())
+    if not allow_overlap:
+        raise ProbeError(f"refusing to report in-sample rates: {detail}. An FPR on calibration responses is at "
+                         f"most the target by construction and a rate on fitted items is optimistic; evaluate on "
+                         f"other sets (the defaults harmful.test, benign.test and borderline.test are disjoint "
+                         f"from a default-trained probe) or pass --allow-overlap (allow_overlap=True) to report "
+                         f"them anyway, marked in-sample")
+    warnings.warn(f"IN-SAMPLE: {detail}; these rows are not independent estimates", ProbeOverlapWarning,
+                  stacklevel=3)
+    return overlaps, "checked"
 
 
 def format_table(result: dict) -> str:
@@ -199,7 +248,21 @@ def format_table(result: dict) -> str:
              f"{'set':<40} {'metric':>6} {'responses':>9} {'halted':>7} {'rate':>7}"]
     for name, row in result["sets"].items():
         rate = "-" if row["rate"] is None else f"{row['rate']:.3f}"
-        lines.append(f"{name:<40} {row['metric'].upper():>6} {row['responses']:>9} {row['halted']:>7} {rate:>7}")
+        mark = ""
+        if row.get("overlap"):
+            o = row["overlap"]
+            mark = f"  IN-SAMPLE ({o['calibration']} calibration, {o['fitted']} fitted items)"
+        lines.append(f"{name:<40} {row['metric'].upper():>6} {row['responses']:>9} {row['halted']:>7} {rate:>7}{mark}")
     if result.get("auroc") is not None:
         lines.append(f"per-response AUROC (harmful and attack rows vs benign rows): {result['auroc']:.3f}")
+    calibration = result.get("calibration") or {}
+    if calibration.get("responses"):
+        sets = calibration.get("sets")
+        where = " + ".join(f"{name} {s['items']}" for name, s in sets.items()) if sets else "sets not recorded"
+        tripped = calibration.get("tripped")
+        halted = f"{tripped}/{calibration['responses']} = " if tripped is not None else ""
+        lines.append(f"threshold calibrated on {calibration['responses']} responses ({where}): "
+                     f"calibration FPR {halted}{calibration.get('achieved_fpr', float('nan')):.3f}")
+    if result.get("independence") == "unchecked":
+        lines.append("independence NOT checked: the probe records no item keys (see the warning)")
     return "\n".join(lines)

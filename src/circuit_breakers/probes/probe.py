@@ -9,7 +9,8 @@ threshold of 1.0 could never be crossed.
 A response trips when any of its tokens scores strictly above the threshold: the monitor halts on
 the first such token, so the threshold is calibrated on per-response maxima
 (`calibrate_threshold`). On disk a probe is a directory with `probe.safetensors` (weights and
-standardiser) and `probe.json` (kind, layer, threshold, target FPR, base model, training summary).
+standardiser) and `probe.json` (kind, layer, threshold, target FPR, base model, training summary,
+which sets calibrated the threshold and the content keys of the items fitted and calibrated on).
 """
 
 from __future__ import annotations
@@ -182,8 +183,10 @@ class Probe(nn.Module):
         logits = self.logits(X)
         self.threshold_logit = calibrate_threshold(logits, fpr, groups=groups)
         self.target_fpr = fpr
-        achieved = false_positive_rate(logits, self.threshold_logit, groups=groups)
-        self.info["calibration"] = {"responses": int(len(response_max(logits, groups))), "tokens": len(logits),
+        maxima = response_max(logits, groups)
+        achieved = false_positive_rate(maxima, self.threshold_logit)
+        self.info["calibration"] = {"responses": int(len(maxima)), "tokens": len(logits),
+                                    "tripped": int((maxima > self.threshold_logit).sum()),
                                     "achieved_fpr": achieved}
         return achieved
 
@@ -211,6 +214,8 @@ class Probe(nn.Module):
             "training_data": self.info.get("training_data", {}),
             "calibration": self.info.get("calibration", {}),
             "training": self.info.get("training", {}),
+            # content keys (splits.item_key) of the items fitted on and calibrated on; `probe eval` checks them
+            "item_ids": self.info.get("item_ids", {}),
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -307,6 +312,10 @@ def load_probe(directory: str | Path, *, device: str | torch.device = "cpu") -> 
     target_fpr = _field(meta, "target_fpr", meta_path, lambda v: _is_number(v) and 0 <= v < 1,
                         "a number in [0, 1) or null", optional=True)
     seed = _field(meta, "seed", meta_path, _is_int, "an integer", optional=True) or 0
+    _field(meta, "item_ids", meta_path,
+           lambda v: isinstance(v, dict) and all(isinstance(ids, list) and all(isinstance(i, str) for i in ids)
+                                                 for ids in v.values()),
+           'an object of lists of item keys ("training", "calibration")', optional=True)
 
     probe = make_probe(kind, hidden_size, seed=seed, layer=layer)
     try:
@@ -329,6 +338,7 @@ def load_probe(directory: str | Path, *, device: str | torch.device = "cpu") -> 
     probe.load_state_dict({k: v.float() for k, v in tensors.items()})
     probe.threshold_logit = float(threshold_logit) if threshold_logit is not None else None
     probe.target_fpr = target_fpr
-    probe.info = {k: meta.get(k) for k in ("base_model", "date", "training_data", "calibration", "training")
+    probe.info = {k: meta.get(k) for k in ("base_model", "date", "training_data", "calibration", "training",
+                                           "item_ids")
                   if meta.get(k) is not None}
     return probe.to(device).eval()
