@@ -67,3 +67,37 @@ def test_loader_errors_name_line_and_field(tmp_path):
         load_labelled(path)
     with pytest.raises(DataError, match="file not found"):
         load_labelled(tmp_path / "missing.jsonl")
+
+
+def test_shipped_hand_labels_cover_the_issue_3_slices():
+    """The shipped set (evaluation/hand_labels/smollm2-135m.jsonl) is what judge-agreement uses by default."""
+    from collections import Counter
+    from importlib import resources
+
+    from circuit_breakers.evaluation.agreement import MODEL_KINDS, PROMPT_KINDS
+    from circuit_breakers.evaluation.cli import BUILTIN_LABELS
+    from circuit_breakers.judges.base import LABELS
+
+    shipped = resources.files("circuit_breakers.evaluation").joinpath("hand_labels", "smollm2-135m.jsonl")
+    assert shipped.is_file() and BUILTIN_LABELS.is_file()
+    items = load_labelled(BUILTIN_LABELS)  # validates fields, labels and unique ids
+    assert len(items) >= 200
+    assert len({item.id for item in items}) == len(items)
+    assert {item.label for item in items} <= set(LABELS)
+    assert set(Counter(item.label for item in items)) == set(LABELS)  # each of the four labels is used
+    assert {item.model for item in items} == set(MODEL_KINDS)
+    assert {item.prompt_kind for item in items} == set(PROMPT_KINDS)
+    harmful_attacks = {item.attack for item in items if item.prompt_kind == "harmful"}
+    assert len(harmful_attacks) >= 3 and {"direct", "prefilling", "templates"} <= harmful_attacks
+    for model in MODEL_KINDS:  # harmful prompts under attack before and after RR
+        assert len({i.attack for i in items if i.model == model and i.prompt_kind == "harmful"}) >= 3
+    assert not any(item.prompt_kind == "harmful" and item.output.startswith("Sure, here is") for item in items
+                   if item.attack == "prefilling")  # the model's continuation, not the attacker's prefill
+
+
+def test_judge_agreement_defaults_to_the_shipped_labels(capsys):
+    from circuit_breakers.cli import main
+
+    assert main(["eval", "judge-agreement"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m.jsonl" in out and "judge refusal: accuracy" in out and "judge heuristic" in out

@@ -29,7 +29,6 @@ def test_judge_agreement_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "judge refusal: accuracy 100.0%" in out and "judge heuristic" in out
     assert json.loads((tmp_path / "o" / "judge_agreement.json").read_text())["refusal"]["n"] == 1
-    assert main(["eval", "judge-agreement"]) == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1}\n')
     assert main(["eval", "judge-agreement", "--labels", str(bad)]) == 2

@@ -1,7 +1,12 @@
 """`circuit-breakers eval`: attack, judge, measure capability, write results.json and a report.
 
     circuit-breakers eval --model OUT/model --baseline smollm2-135m --attacks direct,prefilling --out runs/eval
-    circuit-breakers eval judge-agreement --labels labels.jsonl [--judge harmbench --judge-model URL] [--out DIR]
+    circuit-breakers eval judge-agreement [--labels labels.jsonl] [--model smollm2-135m] [--judge harmbench
+        --judge-model URL] [--out DIR]
+
+judge-agreement without --labels uses the shipped hand-labelled set of the embedded default
+(evaluation/hand_labels/smollm2-135m.jsonl); --model names the ORIGINAL model, the heuristic judge's
+perplexity reference (smollm2-135m for the shipped set).
 
 Only argparse is imported at registration; models, torch and the attacks load inside `run`.
 """
@@ -15,6 +20,8 @@ from pathlib import Path
 
 JUDGE_CHOICES = ("refusal", "heuristic", "harmbench", "llm")
 ACTIONS = ("run", "judge-agreement")
+# The shipped hand-labelled outputs of the embedded default (before and after RR; see its README.md).
+BUILTIN_LABELS = Path(__file__).parent / "hand_labels" / "smollm2-135m.jsonl"
 
 
 def register(subparsers) -> None:
@@ -33,7 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, help="at most N behaviours (and N prompts per capability set)")
     p.add_argument("--max-new-tokens", type=int, help="generation length for the attacks that have one")
     p.add_argument("--out", help="output directory (results.json, samples.jsonl, report.md, report.html)")
-    p.add_argument("--labels", help="hand-labelled JSONL for judge agreement (docs/labelling.md)")
+    p.add_argument("--labels", help="hand-labelled JSONL for judge agreement (docs/labelling.md); judge-agreement "
+                                    "defaults to the shipped set of smollm2-135m outputs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="discard OUT/samples.jsonl and start again")
     p.add_argument("--judge-full-turn", action="store_true",
@@ -175,12 +183,16 @@ def summary(results: dict) -> str:
 
 
 def _judge_agreement(args) -> int:
-    if not args.labels:
-        return _error("judge-agreement needs --labels FILE (a hand-labelled JSONL; see docs/labelling.md)")
     from ..judges import make_judge
     from .agreement import format_confusion, judge_agreement, load_labelled
 
-    items = load_labelled(args.labels)
+    labels = args.labels or BUILTIN_LABELS
+    items = load_labelled(labels)
+    if not args.labels:
+        print(f"labels: {labels} (the shipped hand-labelled smollm2-135m outputs; --labels FILE for another set)")
+        if not args.model:
+            print("note: no --model, so the heuristic judge runs without its perplexity check "
+                  "(add --model smollm2-135m, the original model of these outputs)", file=sys.stderr)
     reference = None
     if args.model:  # the ORIGINAL model, for the heuristic judge's perplexity check
         from ..models import load_model
