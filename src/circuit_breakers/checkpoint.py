@@ -43,7 +43,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # Keys that may differ between a checkpoint and the run resuming it: none of them changes the result.
 RESUMABLE_OVERRIDES = ("device", "save_every", "keep_checkpoints", "frozen_cache_gb", "gradient_checkpointing",
-                       "log_every")
+                       "log_every", "checkpoint_frozen_cache")
 
 
 class OutputDirError(ConfigError):
@@ -78,13 +78,13 @@ def check_writable(out: Path) -> None:
                              "choose another --out or fix its permissions") from None
 
 
-def check_free_space(out: Path, *, checkpoint_bytes: int, checkpoints: int, final_bytes: dict[str, int]) -> None:
+def check_free_space(out: Path, *, checkpoint_bytes: int, checkpoints: int, other_bytes: dict[str, int]) -> None:
     """Fail before training when OUT's file system cannot hold the checkpoints and the final save."""
-    need = checkpoint_bytes * checkpoints + sum(final_bytes.values())
+    need = checkpoint_bytes * checkpoints + sum(other_bytes.values())
     free = shutil.disk_usage(out).free
     if free < need:
         parts = [f"{checkpoints} checkpoint(s) of {human_size(checkpoint_bytes)} (adapter + optimizer state)"
-                 if checkpoints else None] + [f"{k} {human_size(v)}" for k, v in final_bytes.items()]
+                 if checkpoints else None] + [f"{k} {human_size(v)}" for k, v in other_bytes.items()]
         raise OutputDirError(f"output directory {out} has {human_size(free)} free, the run needs about "
                              f"{human_size(need)}: " + ", ".join(p for p in parts if p)
                              + "; free some space or choose another --out")

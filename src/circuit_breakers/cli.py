@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from .data.schema import DataError
 from .models import ModelError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+ACCELERATE_CONFIGS_DIR = Path(__file__).parent / "accelerate_configs"
 
 # Subcommands that live beside the code they drive: each module has `register(subparsers)` (adds its
 # parser, imports nothing heavy) and `run(args) -> int`. Listed here; registered when installed.
@@ -41,6 +43,50 @@ def recipe_path(name_or_path: str) -> Path:
     return shipped
 
 
+def accelerate_config_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of an accelerate config shipped in the package (multi-gpu, fsdp, ...)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"--accelerate-config {name_or_path}: no such file")
+        return path
+    shipped = ACCELERATE_CONFIGS_DIR / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        names = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS_DIR.glob("*.yaml")))
+        raise ConfigError(f"--accelerate-config {name_or_path}: no such file, and no shipped config of that name "
+                          f"({names})")
+    return shipped
+
+
+def _strip_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """argv without `--opt VALUE` / `--opt=VALUE` for each of `options`."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif not arg.startswith(tuple(f"{o}=" for o in options)):
+            kept.append(arg)
+    return kept
+
+
+def accelerate_command(argv: list[str], config: str, num_processes: int | None = None) -> list[str]:
+    """`accelerate launch --config_file CONFIG [--num_processes N] -m circuit_breakers ARGV` (without the
+    launcher options), as a command line for os.execv."""
+    path = accelerate_config_path(config)
+    from .config import read_yaml
+
+    engine = str(read_yaml(path).get("distributed_type", "")).upper()
+    if engine == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"{path.name} launches through DeepSpeed, which is not installed: "
+                          "pip install 'circuit-breakers[deepspeed]'")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path)]
+    if num_processes:
+        command += ["--num_processes", str(num_processes)]
+    return command + ["-m", "circuit_breakers", *_strip_options(argv, ("--accelerate-config", "--num-processes"))]
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuit-breakers", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +101,11 @@ def make_parser() -> argparse.ArgumentParser:
                        help="continue a run: its output directory (newest checkpoint) or one of its "
                             "checkpoints/step-N; the run's own config is used")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    names = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS_DIR.glob("*.yaml")))
+    train.add_argument("--accelerate-config", metavar="NAME",
+                       help=f"start this command through `accelerate launch` with a shipped config ({names}) "
+                            "or an accelerate YAML file")
+    train.add_argument("--num-processes", type=int, help="with --accelerate-config: processes (GPUs) to start")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     data = commands.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
@@ -80,8 +131,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser().parse_args(argv)
     try:
+        if args.command == "train" and args.accelerate_config:
+            return _launch(args, argv)
         if args.command == "train":
             return _train(args)
         if args.command == "data":
@@ -101,6 +155,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"circuit-breakers: error: {err}", file=sys.stderr)
         return 1
     return 1
+
+
+def _launch(args, argv: list[str]) -> int:
+    """Re-run this very command under `accelerate launch`; the config is checked here first."""
+    if not args.resume:
+        if not args.out:
+            raise ConfigError("train needs --out (or --resume DIR)")
+        overrides = list(args.overrides) + ([f"model={args.model}"] if args.model else [])
+        RRConfig.load(recipe_path(args.config) if args.config else None, overrides)
+    command = accelerate_command(argv, args.accelerate_config, args.num_processes)
+    import shlex
+    print(f"circuit-breakers: launching: {shlex.join(command)}", file=sys.stderr, flush=True)
+    os.execv(command[0], command)
+    return 1  # pragma: no cover - execv does not return
 
 
 def _train(args) -> int:

@@ -82,6 +82,8 @@ class RRConfig:
     log_every: int = _field(1, "train-log interval in steps")
     save_every: int = _field(50, "checkpoint (adapter, optimizer, RNG, data position) every N steps; 0 = off")
     keep_checkpoints: int = _field(2, "newest checkpoints kept under OUT/checkpoints")
+    checkpoint_frozen_cache: bool = _field(True, "save the frozen-state cache with the checkpoints, so a resumed run "
+                                                 "is exact; false: recomputed on resume (equal up to rounding)")
 
     def __post_init__(self) -> None:
         self.validate()

@@ -46,8 +46,8 @@ class DemoEvalBudget:
     `optimised_behaviors` behaviours only; the others on the first `behaviors`.
     """
 
-    behaviors: int = 16  # the first N behaviours of the built-in harmful test split
-    optimised_behaviors: int = 5  # ... of which the optimisation attacks get the first N
+    behaviors: int = 12  # the first N behaviours of the built-in harmful test split
+    optimised_behaviors: int = 4  # ... of which the optimisation attacks get the first N
     optimised_attacks: tuple = ("embedding", "embedding_improved", "gcg")
     max_new_tokens: int = 32
     capability_prompts: int = 8  # benign and borderline test prompts each (over-refusal, benign agreement)

@@ -53,6 +53,9 @@ def parallel_mode(env: dict | None = None) -> tuple[str, str | None]:
             if env.get(key, "none").lower() not in ("none", ""):
                 raise ConfigError(f"accelerate config: DeepSpeed offloading ({key.split('_', 3)[-1].lower()}="
                                   f"{env[key]}) is not supported by the RR trainer")
+        if flag("ACCELERATE_DEEPSPEED_ZERO3_INIT"):
+            raise ConfigError("accelerate config: zero3_init_flag must be false (the trainer loads the model whole, "
+                              "then shards it)")
         if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none").lower() not in ("none", ""):
             raise ConfigError("accelerate config: a deepspeed_config_file is not supported; use the shipped "
                               "deepspeed-zero2 / deepspeed-zero3 configs (zero_stage only)")

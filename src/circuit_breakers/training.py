@@ -203,6 +203,10 @@ class RRTrainer:
         config = self.config
         if config.gradient_checkpointing != "auto" or not supports_per_block_checkpointing(self.arch):
             return None
+        if self.dist.sharded:
+            # Under FSDP a checkpointed block all-gathers its weights again in backward: plans that differ
+            # between processes (each has its own batch lengths) would desynchronise the collectives.
+            return None
         full, checkpointed = measure_activation_bytes_per_token(self.arch, self.retain_entries)
         if config.activation_memory_gb is not None:
             budget = config.activation_memory_gb * 2**30
@@ -351,6 +355,9 @@ class RRTrainer:
         for block in self.arch.blocks:
             fully_shard(block)
         fully_shard(self.arch.decoder)
+        # Every forward is now a collective (all-gathers), so all processes must run the same ones: a
+        # frozen-state cache would skip passes on some processes only and deadlock the others.
+        self.cb_cache = self.retain_cache = None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
@@ -475,8 +482,10 @@ class RRTrainer:
         model = ckpt.state_bytes(list(unwrap(self.model).parameters()))
         if self.dropped is not None:
             model += ckpt.state_bytes([p for block in self.dropped.blocks for p in block.parameters()])
+        cache = self._cache_bytes() if checkpoints and config.checkpoint_frozen_cache else 0  # once, in segments
         ckpt.check_free_space(out, checkpoint_bytes=per_checkpoint, checkpoints=checkpoints,
-                              final_bytes={"final adapter": adapter, "merged model": model})
+                              other_bytes={"final adapter": adapter, "merged model": model,
+                                           **({"frozen-state cache": cache} if cache else {})})
         ckpt.remove_stale_temporaries(out)
         config.save(out / "config.yaml")
         log_path = out / ckpt.LOG_FILE
@@ -486,6 +495,15 @@ class RRTrainer:
             kept = ckpt.read_log(log_path, done)
             atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
         return checkpoint
+
+    def _cache_bytes(self) -> int:
+        """The frozen-state caches when full (the formula of `_plan_frozen_caches`)."""
+        base = unwrap(self.model)
+        width = torch.finfo(next(base.parameters()).dtype).bits // 8 * base.config.hidden_size
+        return sum(sum(x.length for x in items) * len(entries) * width
+                   for cache, items, entries in ((self.cb_cache, self.cb_items, self.target_layers),
+                                                 (self.retain_cache, self.retain_items, self.retain_entries))
+                   if cache is not None)
 
     def _non_finite_message(self, step: int, values: dict, out: Path | None) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in values.items())
@@ -510,7 +528,7 @@ class RRTrainer:
         segments = getattr(self, "_cache_segments", None)
         if segments is None:
             segments = self._cache_segments = {"files": {}, "saved": {}}
-        for name, cache in self._frozen_caches().items():
+        for name, cache in self._frozen_caches().items() if self.config.checkpoint_frozen_cache else ():
             saved = segments["saved"].setdefault(name, set())
             new = {i: states for i, states in cache.items.items() if i not in saved}
             if new:

@@ -108,6 +108,8 @@ def _run(args) -> int:
     except ValueError as err:
         return _error(str(err))
     behaviors = load_behaviors(args.behaviors, targets=args.targets, limit=args.limit)
+    from .sharding import init_shard_processes
+    rank, world = init_shard_processes()  # under a launcher: join the others, take this process's GPU
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     baseline = None
     if args.baseline:
@@ -120,9 +122,15 @@ def _run(args) -> int:
                 "targets": args.targets, "attacks": names, "limit": args.limit,
                 "judged": "whole turn" if args.judge_full_turn else "model's continuation (prefill excluded)",
                 "command": " ".join(sys.argv)}
-    results = evaluate(model, tokenizer, behaviors, attacks, judge, out, baseline=baseline, seed=args.seed,
-                       resume=not args.no_resume, progress=not args.no_progress, extra={"run": run_info},
-                       judge_full_turn=args.judge_full_turn)
+    options = dict(baseline=baseline, seed=args.seed, resume=not args.no_resume, progress=not args.no_progress,
+                   extra={"run": run_info}, judge_full_turn=args.judge_full_turn)
+    if world > 1:  # behaviours shared out over the processes, merged by rank 0, which does the rest alone
+        from .sharding import evaluate_sharded
+        results = evaluate_sharded(model, tokenizer, behaviors, attacks, judge, out, rank=rank, world=world, **options)
+        if rank != 0:
+            return 0
+    else:
+        results = evaluate(model, tokenizer, behaviors, attacks, judge, out, **options)
 
     comparable = baseline is not None and _same_vocab(tokenizer, baseline[1])
     if not args.no_capability:

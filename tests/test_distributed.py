@@ -1,0 +1,139 @@
+"""Data parallelism on CPU processes (gloo): 2 processes reach the weights of 1 process on the same
+global batch, and every process holds the same weights. Launched with torchrun, which Accelerate
+reads like its own launcher (on CPUs `accelerate launch` starts several processes only through MPI)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from circuit_breakers.config import ConfigError, RRConfig
+from circuit_breakers.distributed import Distributed
+
+from .conftest import make_tiny_model
+from .distributed_worker import run
+
+REPO = Path(__file__).resolve().parents[1]
+# fp32: the two runs sum the same per-micro-batch gradients in another order (all-reduce vs accumulation).
+RELATIVE_TOLERANCE = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+
+
+def _env() -> dict:
+    # One thread per process: two processes share this machine's cores.
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'src'}", "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, chat_tokenizer):
+    path = tmp_path / "tiny"
+    make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4).save_pretrained(path)
+    chat_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny_dir):
+    # 2 processes x 2 micro-batches of 2 items == 1 process x 4 micro-batches of 2 items: the same
+    # global batch of 8, the same micro-batches; gradients averaged once per optimizer step.
+    proc = subprocess.run(_torchrun(2, str(REPO / "tests" / "distributed_worker.py"), str(tiny_dir), str(tmp_path),
+                                    "2"), env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    single, single_log, rank = run(tiny_dir, grad_accum=4)
+    assert rank == 0
+
+    for name, want in single.items():
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), f"{name} differs across ranks"
+        got = ranks[0]["weights"][name]
+        assert (got - want).abs().max() <= RELATIVE_TOLERANCE * want.abs().max(), name
+    g = torch.Generator().manual_seed(7)  # the B matrices `run` starts from, in the same order
+    moved = max((w - torch.randn(w.shape, generator=g) * 0.05).abs().max().item()
+                for n, w in single.items() if "lora_B" in n)
+    assert moved > 100 * RELATIVE_TOLERANCE  # the comparison is not vacuous: training moved the weights
+    for ddp, one in zip(ranks[0]["log"], single_log):  # the logged losses are the global batch's
+        for key in ("rerouting_loss", "retain_loss", "cb_cos", "retain_cos", "grad_norm"):
+            assert ddp[key] == pytest.approx(one[key], rel=RELATIVE_TOLERANCE), key
+
+
+def test_global_batch_must_split_over_processes_and_micro_batches(chat_tokenizer, monkeypatch):
+    from circuit_breakers import training
+
+    fake = Distributed()
+    fake.world = 2  # two processes, as seen from rank 0; no collective is reached before the check
+    monkeypatch.setattr(training, "from_environment", lambda: fake)
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4)
+    from .test_training import _items
+    config = RRConfig(model="x", target_layers=[2, 3], batch_size=6, grad_accum=2, max_length=64)
+    with pytest.raises(ConfigError, match=r"batch_size \(6\).*processes x grad_accum \(2 x 2 = 4\)"):
+        training.RRTrainer(config, model=model, tokenizer=chat_tokenizer,
+                           circuit_breaker_items=_items(chat_tokenizer, 4, harmful=True),
+                           retain_items=_items(chat_tokenizer, 4, harmful=False), progress=False)
+
+
+def test_shards_cover_the_global_batch_in_order():
+    from circuit_breakers.training import RRTrainer
+
+    trainer = RRTrainer.__new__(RRTrainer)
+    shards = []
+    for rank in range(4):
+        trainer.dist = Distributed()
+        trainer.dist.rank, trainer.dist.world = rank, 4
+        shards.append(trainer._shard(list(range(8))))
+    assert shards == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_cli_train_under_a_launcher(tmp_path, tiny_dir):
+    """`python -m circuit_breakers train` unchanged under a 2-process launcher: one log, one save, one line."""
+    from circuit_breakers.data import write_jsonl
+
+    write_jsonl(tmp_path / "h.jsonl", [{"prompt": f"How do I bake bread {i}?", "output": "Sure, here."} for i in range(6)])
+    write_jsonl(tmp_path / "b.jsonl", [{"request": f"Explain rain {i}", "response": "Water falls."} for i in range(6)])
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        _torchrun(2, "-m", "circuit_breakers", "train", "--out", str(out), "--model", str(tiny_dir), "--no-progress",
+                  "steps=4", "batch_size=4", "target_layers=[2,3]", "max_length=64", "save_every=2",
+                  f"circuit_breaker_data=[{tmp_path / 'h.jsonl'}]", f"retain_data=[{tmp_path / 'b.jsonl'}]"),
+        env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("saved ") == 1  # rank 0 only
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "model" / "config.json").is_file()
+    state = json.loads((out / "checkpoints" / "step-4" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and len(state["frozen_cache"]) == 2
+
+
+def test_fsdp_sharded_run_saves_the_adapter_of_one_process(tmp_path, tiny_dir):
+    """FSDP2 on 2 CPU processes (what the fsdp and deepspeed-zero3 configs select): the adapter gathered
+    from the shards at save time matches the 1-process weights; the checkpoint holds the full state."""
+    from safetensors.torch import load_file
+
+    env = {**_env(), "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    proc = subprocess.run(_torchrun(2, str(REPO / "tests" / "distributed_worker.py"), str(tiny_dir), str(tmp_path),
+                                    "2", "--save"), env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = torch.load(tmp_path / "rank0.pt")["weights"]  # OUT/adapter, written by rank 0
+    single, _, _ = run(tiny_dir, grad_accum=4)
+    assert set(saved) == {name.replace(".default.", ".") for name in single}
+    for name, want in single.items():
+        got = saved[name.replace(".default.", ".")]
+        assert (got - want).abs().max() <= RELATIVE_TOLERANCE * want.abs().max(), name
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-2"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["parallel"] == "fsdp"
+    assert len(load_file(checkpoint / "adapter" / "adapter_model.safetensors")) == len(single)
+    assert (tmp_path / "run" / "model" / "config.json").is_file()  # merged from the original model on rank 0
