@@ -65,3 +65,12 @@ def make_tiny_model(kind: str = "llama", *, vocab_size: int = 400, layers: int =
 @pytest.fixture(params=TINY_ARCHITECTURES)
 def tiny_model(request, chat_tokenizer):
     return make_tiny_model(request.param, vocab_size=len(chat_tokenizer))
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, chat_tokenizer):
+    """A tiny random Llama and the chat tokenizer saved as a checkpoint directory (what users pass as --model)."""
+    path = tmp_path / "tiny"
+    make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4).save_pretrained(path)
+    chat_tokenizer.save_pretrained(path)
+    return path

@@ -7,16 +7,6 @@ from circuit_breakers.cli import main, recipe_path
 from circuit_breakers.config import RRConfig
 from circuit_breakers.data import write_jsonl
 
-from .conftest import make_tiny_model
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path, chat_tokenizer):
-    path = tmp_path / "tiny"
-    make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4).save_pretrained(path)
-    chat_tokenizer.save_pretrained(path)
-    return path
-
 
 @pytest.fixture
 def data_files(tmp_path):

@@ -39,23 +39,15 @@ def _env() -> dict:
             "CUDA_VISIBLE_DEVICES": ""}
 
 
-@pytest.fixture
-def tiny_dir(tmp_path, chat_tokenizer):
-    path = tmp_path / "tiny"
-    make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4).save_pretrained(path)
-    chat_tokenizer.save_pretrained(path)
-    return path
-
-
-def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny_dir):
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny_checkpoint):
     # 2 processes x 2 micro-batches of 2 items == 1 process x 4 micro-batches of 2 items: the same
     # global batch of 8, the same micro-batches; gradients averaged once per optimizer step.
-    proc = subprocess.run(_torchrun(2, str(REPO / "tests" / "distributed_worker.py"), str(tiny_dir), str(tmp_path),
+    proc = subprocess.run(_torchrun(2, str(REPO / "tests" / "distributed_worker.py"), str(tiny_checkpoint), str(tmp_path),
                                     "2"), env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
-    single, single_log, rank = run(tiny_dir, grad_accum=4)
+    single, single_log, rank = run(tiny_checkpoint, grad_accum=4)
     assert rank == 0
 
     for name, want in single.items():
@@ -98,7 +90,7 @@ def test_shards_cover_the_global_batch_in_order():
     assert shards == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
-def test_cli_train_under_a_launcher(tmp_path, tiny_dir):
+def test_cli_train_under_a_launcher(tmp_path, tiny_checkpoint):
     """`python -m circuit_breakers train` unchanged under a 2-process launcher: one log, one save, one line."""
     from circuit_breakers.data import write_jsonl
 
@@ -106,7 +98,7 @@ def test_cli_train_under_a_launcher(tmp_path, tiny_dir):
     write_jsonl(tmp_path / "b.jsonl", [{"request": f"Explain rain {i}", "response": "Water falls."} for i in range(6)])
     out = tmp_path / "out"
     proc = subprocess.run(
-        _torchrun(2, "-m", "circuit_breakers", "train", "--out", str(out), "--model", str(tiny_dir), "--no-progress",
+        _torchrun(2, "-m", "circuit_breakers", "train", "--out", str(out), "--model", str(tiny_checkpoint), "--no-progress",
                   "steps=4", "batch_size=4", "target_layers=[2,3]", "max_length=64", "save_every=2",
                   f"circuit_breaker_data=[{tmp_path / 'h.jsonl'}]", f"retain_data=[{tmp_path / 'b.jsonl'}]"),
         env=_env(), capture_output=True, text=True, timeout=600)
@@ -118,17 +110,17 @@ def test_cli_train_under_a_launcher(tmp_path, tiny_dir):
     assert state["world_size"] == 2 and len(state["frozen_cache"]) == 2
 
 
-def test_fsdp_sharded_run_saves_the_adapter_of_one_process(tmp_path, tiny_dir):
+def test_fsdp_sharded_run_saves_the_adapter_of_one_process(tmp_path, tiny_checkpoint):
     """FSDP2 on 2 CPU processes (what the fsdp and deepspeed-zero3 configs select): the adapter gathered
     from the shards at save time matches the 1-process weights; the checkpoint holds the full state."""
     from safetensors.torch import load_file
 
     env = {**_env(), "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
-    proc = subprocess.run(_torchrun(2, str(REPO / "tests" / "distributed_worker.py"), str(tiny_dir), str(tmp_path),
+    proc = subprocess.run(_torchrun(2, str(REPO / "tests" / "distributed_worker.py"), str(tiny_checkpoint), str(tmp_path),
                                     "2", "--save"), env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = torch.load(tmp_path / "rank0.pt")["weights"]  # OUT/adapter, written by rank 0
-    single, _, _ = run(tiny_dir, grad_accum=4)
+    single, _, _ = run(tiny_checkpoint, grad_accum=4)
     assert set(saved) == {name.replace(".default.", ".") for name in single}
     for name, want in single.items():
         got = saved[name.replace(".default.", ".")]
