@@ -42,19 +42,21 @@ def test_shipped_configs_load_with_accelerate():
 
 
 @pytest.mark.parametrize("name, mode", [("single-gpu", "ddp"), ("multi-gpu", "ddp"), ("fsdp", "fsdp"),
-                                        ("deepspeed-zero2", "ddp"), ("deepspeed-zero3", "fsdp")])
+                                        ("deepspeed-zero2", "deepspeed"), ("deepspeed-zero3", "deepspeed")])
 def test_each_config_selects_a_parallel_mode(name, mode):
     """(single-gpu and multi-gpu set no engine flag; with one process the trainer takes the plain path.)"""
-    got, note = parallel_mode(_launcher_env(name))
-    assert got == mode
-    assert (note is not None) == name.startswith("deepspeed")  # says DeepSpeed's engine is not used
+    assert parallel_mode(_launcher_env(name)) == (mode, None)
+
+
+def test_each_deepspeed_config_asks_for_its_zero_stage():
+    for name, stage in (("deepspeed-zero2", "2"), ("deepspeed-zero3", "3")):
+        assert _launcher_env(name)["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == stage
 
 
 def test_offloading_and_zero3_init_are_refused():
     env = _launcher_env("deepspeed-zero3")
     for key, value, message in (("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "cpu", "offloading"),
-                                ("ACCELERATE_DEEPSPEED_ZERO3_INIT", "true", "zero3_init_flag"),
-                                ("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds.json", "deepspeed_config_file")):
+                                ("ACCELERATE_DEEPSPEED_ZERO3_INIT", "true", "zero3_init_flag")):
         with pytest.raises(ConfigError, match=message):
             parallel_mode({**env, key: value})
     with pytest.raises(ConfigError, match="fsdp_offload_params"):

@@ -1,24 +1,26 @@
 """Several processes, one run: what the trainer needs from `accelerate launch` (or `torchrun`).
 
-Two ways to spread a run, chosen from the accelerate config the launcher passes on:
+Three ways to spread a run, chosen from the accelerate config the launcher passes on:
 
-- **Data parallel** (`multi-gpu`, torchrun, and DeepSpeed ZeRO-0/1/2 configs). Every process holds
+- **Data parallel** (`multi-gpu`, torchrun). Every process holds
   the whole frozen model and the same LoRA weights; each optimizer step's global batch
   (`batch_size` items per set) is split into one shard per process, and after the backward passes of
   all micro-batches the LoRA gradients are averaged in one all-reduce, so every process clips and
   steps identically. This is what DistributedDataParallel does, without wrapping the model (the
   trainer runs the decoder through hooks and toggles the adapter off for its frozen pass; a wrapper
   would only be in the way), and with one collective per optimizer step, so gradient accumulation
-  never syncs per micro-batch. ZeRO-1/2 would partition only LoRA's optimizer state and gradients,
-  a few MB: the trainer does not use DeepSpeed's engine for them.
-- **Sharded** (`fsdp`, and DeepSpeed ZeRO-3 configs). As above, plus each decoder block (and the
+  never syncs per micro-batch.
+- **Sharded** (`fsdp`). As above, plus each decoder block (and the
   decoder) is sharded with torch FSDP2 (`fully_shard`): every process keeps 1/N of the frozen and
   LoRA weights and gathers a block's weights for its forward. Gradients are reduce-scattered by
   FSDP in each backward. Every process still loads the whole model once before sharding it.
+- **DeepSpeed** (`deepspeed-zero2`, `deepspeed-zero3`, or any accelerate config with a DeepSpeed
+  section): DeepSpeed's engine runs the passes and the optimizer step, ZeRO stage as configured
+  (deepspeed_engine.py).
 
 A single process (no launcher, or `accelerate launch` with one process) takes none of these paths
 and trains exactly as before. Accelerate is imported only when a launcher started several
-processes (or asked for FSDP or DeepSpeed); DeepSpeed itself is never imported here.
+processes (or asked for FSDP or DeepSpeed); DeepSpeed only by deepspeed_engine.py, for a DeepSpeed config.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def _launched() -> bool:
 
 
 def parallel_mode(env: dict | None = None) -> tuple[str, str | None]:
-    """("ddp" or "fsdp", a note to print or None) for the accelerate config the launcher passed on in
-    the environment. Offloading to the CPU or NVMe is refused: the trainer does not implement it."""
+    """("ddp", "fsdp" or "deepspeed", a note to print or None) for the accelerate config the launcher
+    passed on in the environment. Offloading to the CPU or NVMe is refused: it is not tested with the
+    RR trainer, and LoRA's optimizer state is a few MB."""
     env = os.environ if env is None else env
     flag = lambda name: env.get(name, "").lower() == "true"  # noqa: E731
     if flag("ACCELERATE_USE_FSDP"):
@@ -55,16 +58,8 @@ def parallel_mode(env: dict | None = None) -> tuple[str, str | None]:
                                   f"{env[key]}) is not supported by the RR trainer")
         if flag("ACCELERATE_DEEPSPEED_ZERO3_INIT"):
             raise ConfigError("accelerate config: zero3_init_flag must be false (the trainer loads the model whole, "
-                              "then shards it)")
-        if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none").lower() not in ("none", ""):
-            raise ConfigError("accelerate config: a deepspeed_config_file is not supported; use the shipped "
-                              "deepspeed-zero2 / deepspeed-zero3 configs (zero_stage only)")
-        stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2)
-        if stage >= 3:
-            return "fsdp", ("DeepSpeed ZeRO-3 config: the frozen weights are sharded with torch FSDP2 (the RR "
-                            "trainer does not run DeepSpeed's engine)")
-        return "ddp", (f"DeepSpeed ZeRO-{stage} config: plain data parallelism (ZeRO-{stage} would only partition "
-                       "LoRA's few-MB optimizer state; the RR trainer does not run DeepSpeed's engine)")
+                              "adds LoRA, then DeepSpeed partitions it)")
+        return "deepspeed", None
     return "ddp", None
 
 
@@ -73,12 +68,14 @@ class Distributed:
 
     def __init__(self, accelerator=None, mode: str = "single") -> None:
         self.accelerator = accelerator
-        self.mode = mode  # single, ddp or fsdp
+        self.mode = mode  # single, ddp, fsdp or deepspeed
         if accelerator is None:
             self.rank, self.world, self.engine = 0, 1, "none"
         else:
             self.rank = accelerator.process_index
             self.world = accelerator.num_processes
+            if torch.distributed.is_initialized():  # accelerate counts 1 process for DeepSpeed on CPUs
+                self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
             self.engine = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)).upper()
 
     @property
@@ -169,7 +166,8 @@ def from_environment() -> Distributed:
     from accelerate import Accelerator  # sets up the process group (NCCL on GPUs, gloo on CPUs) and the device
 
     # No GPU (or `accelerate launch --cpu`): gloo over CPU processes, as under torchrun on a CPU machine.
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" or not torch.cuda.is_available()
+    # (DeepSpeed picks its own accelerator, and its CPU one uses gloo: `cpu=True` would switch it off.)
+    cpu = mode != "deepspeed" and (_env_flag("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     dist = Distributed(Accelerator(cpu=cpu), mode)
     if not dist.active and mode == "ddp":
         dist.mode = "single"

@@ -16,6 +16,7 @@ import random
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -28,6 +29,7 @@ from . import losses
 from .config import ConfigError, RRConfig, atomic_write_text
 from .data import ChatFormatter, TokenizedExample, collate, tokenize_examples
 from .data.builtin import load_training_sets
+from .deepspeed_engine import ENGINE_DIR
 from .distributed import Distributed, from_environment
 from .activation_checkpointing import CheckpointPlanner, measure_activation_bytes_per_token, supports_per_block_checkpointing
 from .hidden import decoder_hidden_states
@@ -108,6 +110,24 @@ def switch_off_base_dropout(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------- the trainer
+
+
+class DecoderPasses(nn.Module):
+    """The trainer's two passes as one module (what DeepSpeed's engine wraps): the decoder with the
+    LoRA adapter, or (`frozen=True`, no gradients) with it disabled: the original model. Returns the
+    hidden states of `entries` as a tuple, in that order (ZeRO-3's hooks read outputs' keys as names)."""
+
+    def __init__(self, model: nn.Module, arch: Architecture) -> None:
+        super().__init__()
+        self.model = model
+        self.arch = arch
+        self.stop_early = True  # skip the blocks above the last entry asked for
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, entries: Sequence[int],
+                frozen: bool = False) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad() if frozen else nullcontext(), self.model.disable_adapter() if frozen else nullcontext():
+            states = decoder_hidden_states(self.arch, input_ids, attention_mask, entries, stop_early=self.stop_early)
+        return tuple(states[entry] for entry in entries)
 
 
 class FrozenStateCache:
@@ -196,6 +216,9 @@ class RRTrainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._plan_frozen_caches()
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.passes = DecoderPasses(self.model, self.arch)
+        self.run_passes = self.passes  # DeepSpeed: its engine, around the same module
+        self.zero = None  # DeepSpeed: the ZeroEngine
         self._setup_data_parallel()
 
     def _plan_checkpointing(self) -> CheckpointPlanner | None:
@@ -203,8 +226,8 @@ class RRTrainer:
         config = self.config
         if config.gradient_checkpointing != "auto" or not supports_per_block_checkpointing(self.arch):
             return None
-        if self.dist.sharded:
-            # Under FSDP a checkpointed block all-gathers its weights again in backward: plans that differ
+        if self.dist.mode in ("fsdp", "deepspeed"):
+            # Under FSDP (and ZeRO-3) a checkpointed block all-gathers its weights again in backward: plans that differ
             # between processes (each has its own batch lengths) would desynchronise the collectives.
             return None
         full, checkpointed = measure_activation_bytes_per_token(self.arch, self.retain_entries)
@@ -246,8 +269,7 @@ class RRTrainer:
         """Hidden states of the adapter-disabled model, from the cache when every item is in it."""
         if cache is not None and (states := cache.get(batch["indices"], batch["input_ids"].shape[1])) is not None:
             return states
-        with torch.no_grad(), self.model.disable_adapter():
-            states = decoder_hidden_states(self.arch, batch["input_ids"], batch["attention_mask"], entries)
+        states = self._hidden_states(batch["input_ids"], batch["attention_mask"], entries, frozen=True)
         if cache is not None:
             cache.put(batch["indices"], states, batch["attention_mask"].sum(dim=1).tolist())
         return states
@@ -255,7 +277,10 @@ class RRTrainer:
     def _trained(self, batch, entries):
         if self.checkpoint_planner is not None:
             self.checkpoint_planner.plan(batch["input_ids"].numel())
-        return decoder_hidden_states(self.arch, batch["input_ids"], batch["attention_mask"], entries)
+        return self._hidden_states(batch["input_ids"], batch["attention_mask"], entries)
+
+    def _hidden_states(self, input_ids, attention_mask, entries, *, frozen: bool = False) -> dict[int, torch.Tensor]:
+        return dict(zip(entries, self.run_passes(input_ids, attention_mask, list(entries), frozen=frozen)))
 
     def _frozen_joint(self, cb_batch, retain_batch):
         """One adapter-disabled pass over both batches (rows stacked, right-padded to the longer one):
@@ -266,8 +291,7 @@ class RRTrainer:
         width = max(cb_batch["input_ids"].shape[1], retain_batch["input_ids"].shape[1])
         stack = lambda key: torch.cat([nn.functional.pad(b[key], (0, width - b[key].shape[1]))  # noqa: E731
                                        for b in (cb_batch, retain_batch)])
-        with torch.no_grad(), self.model.disable_adapter():
-            states = decoder_hidden_states(self.arch, stack("input_ids"), stack("attention_mask"), self.retain_entries)
+        states = self._hidden_states(stack("input_ids"), stack("attention_mask"), self.retain_entries, frozen=True)
         rows, cb_width = cb_batch["input_ids"].shape
         cb = {entry: states[entry][:rows, :cb_width] for entry in self.target_layers}
         retain = {entry: value[rows:, :retain_batch["input_ids"].shape[1]] for entry, value in states.items()}
@@ -305,31 +329,49 @@ class RRTrainer:
         for k in range(micro):
             size = len(cb_indices) // micro
             retain_batch = self._batch(self.retain_items, retain_indices[k * size:(k + 1) * size])
+            cb_batch = None  # past the end of the schedule the rerouting term has no weight: its passes are skipped
+            if c_s > 0:
+                cb_batch = self._batch(self.cb_items, cb_indices[k * size:(k + 1) * size])
             orig_cb = orig_retain = None
-            if c_s > 0:  # past the end of the schedule the rerouting term has no weight: skip its passes
-                batch = self._batch(self.cb_items, cb_indices[k * size:(k + 1) * size])
-                if config.joint_frozen_pass:
-                    orig_cb, orig_retain = self._frozen_joint(batch, retain_batch) or (None, None)
-                loss, cos = self.rerouting_terms(batch, orig_cb)
-                (c_s * loss / micro).backward()
-                totals["rerouting_loss"] += loss.item() / micro
-                totals["cb_cos"] += cos / micro
-                tokens += int(batch["attention_mask"].sum())
+            if cb_batch is not None and config.joint_frozen_pass:
+                orig_cb, orig_retain = self._frozen_joint(cb_batch, retain_batch) or (None, None)
+            # Retain first: its backward reaches every LoRA weight, and ZeRO-3 needs that of a step's first
+            # backward (a weight it leaves out would add this step's gradient to the previous step's).
             loss, cos = self.retain_terms(retain_batch, orig_retain)
-            (c_r * loss / micro).backward()
+            self._backward(c_r * loss / micro, last=cb_batch is None and k == micro - 1)
             totals["retain_loss"] += loss.item() / micro
             totals["retain_cos"] += cos / micro
             tokens += int(retain_batch["attention_mask"].sum())
-        self._sync_gradients()  # several processes: average the LoRA gradients once per optimizer step
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            if cb_batch is not None:
+                loss, cos = self.rerouting_terms(cb_batch, orig_cb)
+                self._backward(c_s * loss / micro, last=k == micro - 1)
+                totals["rerouting_loss"] += loss.item() / micro
+                totals["cb_cos"] += cos / micro
+                tokens += int(cb_batch["attention_mask"].sum())
+        grad_norm = self._optimizer_step()
         elapsed = time.perf_counter() - started
         if c_s <= 0:
             totals["rerouting_loss"] = totals["cb_cos"] = None
-        return {"step": step, "c_s": c_s, "c_r": c_r, **totals, "grad_norm": float(grad_norm),
+        return {"step": step, "c_s": c_s, "c_r": c_r, **totals, "grad_norm": grad_norm,
                 "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens / elapsed,
                 "step_time_s": elapsed, **self._checkpointing_record()}
+
+    def _backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        """`last`: the step's final backward (DeepSpeed reduces the gradients there)."""
+        if self.zero is not None:
+            self.zero.backward(loss, last=last)
+        else:
+            loss.backward()
+
+    def _optimizer_step(self) -> float:
+        """Clip and step; returns the gradient norm before clipping."""
+        if self.zero is not None:
+            return self.zero.step()
+        self._sync_gradients()  # several processes: average the LoRA gradients once per optimizer step
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
 
     def _checkpointing_record(self) -> dict:
         planner = self.checkpoint_planner
@@ -346,6 +388,18 @@ class RRTrainer:
         self.dist.broadcast_(self.trainable)
         if self.dist.sharded:
             self._shard_model()
+        elif self.dist.mode == "deepspeed":
+            self._start_deepspeed()
+
+    def _start_deepspeed(self) -> None:
+        """Hand the passes and AdamW to DeepSpeed's engine (see deepspeed_engine.py for how it is driven)."""
+        from .deepspeed_engine import ZeroEngine
+
+        self.zero = ZeroEngine(self.dist.accelerator, self.passes, self.optimizer, self.config, self.dist.world)
+        self.run_passes = self.zero.passes
+        if self.zero.sharded:
+            self.passes.stop_early = False  # an exception mid-forward would leave ZeRO-3's gathered weights behind
+            self.cb_cache = self.retain_cache = None  # every forward is a collective (see _shard_model)
 
     def _shard_model(self) -> None:
         """FSDP2: shard each decoder block, then the decoder (embeddings, final norm), over all processes.
@@ -366,13 +420,25 @@ class RRTrainer:
         adapter = f".{self.model.active_adapter}."
         return {name.replace(adapter, "."): name for name, p in self.model.named_parameters() if p.requires_grad}
 
+    @property
+    def _weights_sharded(self) -> bool:
+        """FSDP or ZeRO-3: no process holds the whole model."""
+        return self.dist.sharded or (self.zero is not None and self.zero.sharded)
+
     def _full_lora_state(self) -> dict[str, torch.Tensor] | None:
         """Sharded: the whole LoRA weights gathered from all processes (a collective: every process
         calls it), on the CPU. None otherwise (PEFT reads the model's own)."""
-        if not self.dist.sharded:
+        if not self._weights_sharded:
             return None
+        if self.zero is not None:
+            with self.zero.gathered(self.trainable):
+                return {name: p.detach().cpu().clone() for name, p in self.model.named_parameters() if p.requires_grad}
         return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
                 for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def _parallel_name(self) -> str:
+        """How the run is spread, as checkpoints record it: single, ddp, fsdp or deepspeed-zeroN."""
+        return f"deepspeed-zero{self.zero.stage}" if self.zero is not None else self.dist.mode
 
     def _optimizer_state(self) -> dict:
         if not self.dist.sharded:
@@ -548,15 +614,28 @@ class RRTrainer:
             if err is not None:
                 raise err
         state = {"step": step, "batches_drawn": {"circuit_breaker": step, "retain": step},
-                 "world_size": self.dist.world, "parallel": self.dist.mode, "config": self.config.to_dict(),
+                 "world_size": self.dist.world, "parallel": self._parallel_name(), "config": self.config.to_dict(),
                  "data_fingerprint": fingerprint,
                  "frozen_cache": [segments for segments, _ in outcomes]}
 
-        lora, optimizer = self._full_lora_state(), self._optimizer_state()  # collectives when sharded
+        lora = self._full_lora_state()  # a collective when sharded
+        engine_files = None
+        if self.zero is not None:
+            # Every process writes its partition of the optimizer state beside the checkpoint being made
+            # (a `.step-` name: a killed run's leftovers are removed like other half-written checkpoints).
+            engine_files = out / ckpt.CHECKPOINTS / f".step-{step}-engine"
+            self.zero.save(engine_files)
+            self.dist.barrier()
+            optimizer = None
+        else:
+            optimizer = self._optimizer_state()  # a collective under FSDP
 
         def write(tmp: Path) -> None:
             self.model.save_pretrained(tmp / ckpt.ADAPTER_DIR, state_dict=lora)
-            torch.save(optimizer, tmp / ckpt.OPTIMIZER_FILE)
+            if engine_files is not None:
+                os.replace(engine_files, tmp / ENGINE_DIR)
+            else:
+                torch.save(optimizer, tmp / ckpt.OPTIMIZER_FILE)
             torch.save({"world_size": self.dist.world, "states": rng}, tmp / ckpt.RNG_FILE)
             atomic_write_text(tmp / ckpt.STATE_FILE, json.dumps(state, indent=1) + "\n")  # last: marks it complete
         self._last_checkpoint = self.dist.on_main(
@@ -570,21 +649,31 @@ class RRTrainer:
             state = json.loads((checkpoint / ckpt.STATE_FILE).read_text())
             ckpt.check_resumable(state, self.config, fingerprint, checkpoint)
             adapter = load_file(checkpoint / ckpt.ADAPTER_DIR / "adapter_model.safetensors")
-            optimizer = torch.load(checkpoint / ckpt.OPTIMIZER_FILE, map_location="cpu")
+            optimizer_file = checkpoint / ckpt.OPTIMIZER_FILE  # absent under DeepSpeed: its engine's files instead
+            optimizer = torch.load(optimizer_file, map_location="cpu") if optimizer_file.exists() else None
             # Our own file: python's and numpy's RNG states are plain tuples and arrays, not tensors.
             rng = torch.load(checkpoint / ckpt.RNG_FILE, map_location="cpu", weights_only=False)
             return state, adapter, optimizer, rng
         state, adapter, optimizer, rng = self.dist.on_main(read)
-        if (state.get("parallel") == "fsdp") != self.dist.sharded:  # the optimizer state's layout differs
-            raise ConfigError(f"{checkpoint} was written by a {state.get('parallel', 'single')} run; "
-                              f"resume it the same way (this run is {self.dist.mode})")
-        self._load_adapter(adapter, checkpoint)
-        if self.dist.sharded:
+        written_by, this_run = state.get("parallel", "single"), self._parallel_name()
+        # The optimizer state's layout differs under FSDP, and DeepSpeed partitions it per process.
+        if (written_by == "fsdp") != self.dist.sharded or written_by.startswith("deepspeed") != (self.zero is not None):
+            raise ConfigError(f"{checkpoint} was written by a {written_by} run; resume it the same way "
+                              f"(this run is {this_run})")
+        if self.zero is not None and (written_by, state["world_size"]) != (this_run, self.dist.world):
+            raise ConfigError(f"{checkpoint} was written by {state['world_size']} processes under {written_by}; "
+                              f"DeepSpeed resumes only with the same number of processes and ZeRO stage "
+                              f"(this run: {self.dist.world} under {this_run})")
+        if self.zero is not None:
+            self.zero.load(checkpoint / ENGINE_DIR)  # LoRA weights and this process's optimizer partition
+        elif self.dist.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+            self._load_adapter(adapter, checkpoint)
             set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=optimizer,
                                      options=StateDictOptions(full_state_dict=True))
         else:
+            self._load_adapter(adapter, checkpoint)
             self.optimizer.load_state_dict(optimizer)
         states = rng["states"]
         if len(states) == self.dist.world:
@@ -636,10 +725,11 @@ class RRTrainer:
         model on the CPU, put the gathered LoRA weights on it, and save it as `save` does."""
         config = self.config
         dtype = str(resolve_dtype(config.dtype, self.device)).removeprefix("torch.")
-        model, _ = load_model(config.model, dtype=dtype, device="cpu")
-        for p in model.parameters():
-            p.requires_grad_(False)
-        peft_model = add_lora(model, find_architecture(model, self.arch.blocks_path), config)
+        with self.zero.plain_models() if self.zero is not None else nullcontext():
+            model, _ = load_model(config.model, dtype=dtype, device="cpu")
+            for p in model.parameters():
+                p.requires_grad_(False)
+            peft_model = add_lora(model, find_architecture(model, self.arch.blocks_path), config)
         params = dict(peft_model.named_parameters())
         with torch.no_grad():
             for name, value in lora.items():
