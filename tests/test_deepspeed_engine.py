@@ -110,3 +110,38 @@ def test_deepspeed_is_imported_only_for_a_deepspeed_run():
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO / "src")},
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "False", proc.stderr[-2000:]
+
+
+class _FakeAccelerator:
+    """What ZeroEngine reads before `prepare`: the DeepSpeed plugin's config (as accelerate resolved it)."""
+
+    def __init__(self, ds_config: dict) -> None:
+        plugin = type("Plugin", (), {"deepspeed_config": ds_config})()
+        self.state = type("State", (), {"deepspeed_plugin": plugin})()
+
+    def prepare(self, module, optimizer):
+        return module, optimizer
+
+
+@pytest.mark.parametrize("ds_config, message", [
+    ({"gradient_accumulation_steps": 4}, r"set grad_accum=4 in the RR config"),
+    ({"optimizer": {"type": "Adam"}}, "names an optimizer or scheduler"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, r"offload_param.device=cpu"),
+])
+def test_deepspeed_settings_the_trainer_owns_are_refused(ds_config, message):
+    from circuit_breakers.deepspeed_engine import ZeroEngine
+
+    with pytest.raises(ConfigError, match=message):
+        ZeroEngine(_FakeAccelerator(ds_config), torch.nn.Linear(2, 2), None, RRConfig(model="x", batch_size=8), 2)
+
+
+def test_rr_config_fills_deepspeeds_batch_and_clipping():
+    from circuit_breakers.deepspeed_engine import ZeroEngine
+
+    ds_config = {"gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
+    engine = ZeroEngine(_FakeAccelerator(ds_config), torch.nn.Linear(2, 2), None,
+                        RRConfig(model="x", batch_size=8, grad_accum=2, max_grad_norm=0.5), 2)
+    # DeepSpeed sees one micro-batch per process and step: the trainer splits it into grad_accum itself.
+    assert ds_config == {"gradient_accumulation_steps": 1, "gradient_clipping": 0.5, "train_batch_size": 8,
+                         "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}
+    assert engine.stage == 2 and not engine.sharded
