@@ -1,7 +1,15 @@
-"""Batched generation with a chat template, optionally with a prefilled assistant turn."""
+"""Batched greedy generation with a chat template, optionally with a prefilled assistant turn.
+
+`generate` runs the Hugging Face model's own `generate`, unless a vLLM engine was attached to that
+model with `use_vllm` (the optional backend of `circuit-breakers eval`): then the same prompt tokens
+go to vLLM, which serves the same checkpoint. Only text goes through it; whatever needs the torch
+model itself (gradients, activations, hooks) keeps using the torch model.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import weakref
 from typing import Sequence
 
 import torch
@@ -13,15 +21,54 @@ def chat_prompt(tokenizer, conversation: list[dict], prefill: str = "") -> str:
     return text + prefill
 
 
+class VLLMBackend:
+    """Greedy generation by a vLLM engine (`pip install vllm`; a CUDA GPU). It shares the GPU with the
+    torch model it stands in for, so it takes `gpu_memory_utilization` of the GPU's memory only."""
+
+    def __init__(self, model_path: str, *, dtype: str = "auto", gpu_memory_utilization: float = 0.35,
+                 seed: int = 0) -> None:
+        from vllm import LLM
+
+        self.llm = LLM(model=str(model_path), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+
+    def generate(self, prompt_token_ids: Sequence[list[int]], max_new_tokens: int) -> list[str]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True)
+        # Token ids, not text: vLLM would add a BOS the chat template already wrote.
+        outputs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_token_ids], params,
+                                    use_tqdm=False)
+        return [output.outputs[0].text for output in outputs]
+
+
+_BACKENDS: "weakref.WeakKeyDictionary[torch.nn.Module, VLLMBackend]" = weakref.WeakKeyDictionary()
+
+
+def vllm_usable() -> bool:
+    """vLLM is installed and there is a CUDA GPU for it."""
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def use_vllm(model: torch.nn.Module, model_path: str, **options) -> VLLMBackend:
+    """From now on `generate(model, ...)` runs on a vLLM engine serving `model_path` (the same weights)."""
+    backend = VLLMBackend(model_path, **options)
+    _BACKENDS[model] = backend
+    return backend
+
+
 @torch.no_grad()
 def generate(model, tokenizer, conversations: Sequence[list[dict]], *, prefills: Sequence[str] | None = None,
-             max_new_tokens: int = 128, batch_size: int = 16, progress: bool = False, desc: str = "generating"
-             ) -> list[str]:
-    """Greedy completions, batched by similar prompt length; returns the new text only."""
+             max_new_tokens: int = 128, batch_size: int = 16, progress: bool = False, desc: str = "generating",
+             torch_only: bool = False) -> list[str]:
+    """Greedy completions, batched by similar prompt length; returns the new text only. `torch_only`:
+    never the vLLM backend (for a model changed by hooks, which vLLM's copy of the weights would not see)."""
     from tqdm.auto import tqdm
 
     prefills = list(prefills) if prefills is not None else [""] * len(conversations)
     texts = [chat_prompt(tokenizer, c, p) for c, p in zip(conversations, prefills)]
+    backend = None if torch_only else _BACKENDS.get(model)
+    if backend is not None:
+        return backend.generate([tokenizer(t, add_special_tokens=False).input_ids for t in texts], max_new_tokens)
     lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
     order = sorted(range(len(texts)), key=lengths.__getitem__)
     outputs: list[str] = [""] * len(texts)

@@ -216,9 +216,9 @@ class _RefusalDirectionAttack:
         try:
             diffs = self.directions(model, tokenizer)
             conversations = [conversation(b.user_message(), cfg.system_prompt) for b in behaviors]
-            with self.hooks(model, diffs):
+            with self.hooks(model, diffs):  # hooks on the torch model: never the vLLM backend
                 generations = generate(model, tokenizer, conversations, max_new_tokens=cfg.max_new_tokens,
-                                       batch_size=cfg.batch_size)
+                                       batch_size=cfg.batch_size, torch_only=True)
         finally:
             model.train(was_training)
         layer, entries = self.entries(model)

@@ -49,6 +49,11 @@ def register(subparsers) -> None:
     p.add_argument("--no-capability", action="store_true", help="skip over-refusal and capability")
     p.add_argument("--no-diagnostics", action="store_true", help="skip the representation cosines")
     p.add_argument("--lm-eval-tasks", help="comma-separated lm-evaluation-harness tasks (needs lm_eval)")
+    p.add_argument("--generation-backend", choices=("auto", "torch", "vllm"), default="auto",
+                   help="text generation of the attacks and capability sets: vllm (needs `pip install vllm` and a "
+                        "GPU; one process), torch, or auto: vllm when usable (default)")
+    p.add_argument("--vllm-memory", type=float, default=0.35,
+                   help="fraction of the GPU's memory each vLLM engine takes (default 0.35)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -57,6 +62,22 @@ def register(subparsers) -> None:
 def _error(message: str) -> int:
     print(f"circuit-breakers eval: error: {message}", file=sys.stderr)
     return 2
+
+
+def _choose_generation_backend(args, world: int) -> str:
+    """"vllm" or "torch" for --generation-backend (auto: vllm when installed, with a GPU, in one process)."""
+    from ..generation import vllm_usable
+
+    wanted = args.generation_backend
+    if wanted == "torch" or (wanted == "auto" and (world > 1 or not vllm_usable())):
+        return "torch"
+    if world > 1:
+        raise ValueError("--generation-backend vllm runs in one process (not under a multi-process launcher)")
+    if not vllm_usable():
+        raise ValueError("--generation-backend vllm needs vLLM (`pip install vllm`) and a CUDA GPU")
+    if not 0 < args.vllm_memory < 1:
+        raise ValueError(f"--vllm-memory: a fraction between 0 and 1, got {args.vllm_memory}")
+    return "vllm"
 
 
 def run(args) -> int:
@@ -110,17 +131,29 @@ def _run(args) -> int:
     behaviors = load_behaviors(args.behaviors, targets=args.targets, limit=args.limit)
     from .sharding import init_shard_processes
     rank, world = init_shard_processes()  # under a launcher: join the others, take this process's GPU
+    try:
+        backend = _choose_generation_backend(args, world)
+    except ValueError as err:
+        return _error(str(err))
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     baseline = None
     if args.baseline:
         base_model, base_tok = load_model(args.baseline, dtype=args.dtype, device=args.device)
         baseline = (base_model, base_tok)
+    if backend == "vllm":  # each model's text generation through a vLLM engine of the same checkpoint
+        from ..generation import use_vllm
+        from ..models import resolve_model_path
+
+        for m, spec in [(model, args.model)] + ([(baseline[0], args.baseline)] if baseline else []):
+            use_vllm(m, resolve_model_path(spec), dtype=args.dtype, gpu_memory_utilization=args.vllm_memory,
+                     seed=args.seed)
     reference = baseline if baseline is not None else (model, tokenizer)
     judge = make_judge(args.judge, args.judge_model, reference=reference if args.judge == "heuristic" else None)
     out = Path(args.out)
     run_info = {"model": args.model, "baseline": args.baseline, "behaviors": args.behaviors or "builtin (harmful test)",
                 "targets": args.targets, "attacks": names, "limit": args.limit,
                 "judged": "whole turn" if args.judge_full_turn else "model's continuation (prefill excluded)",
+                "generation": backend,
                 "command": " ".join(sys.argv)}
     options = dict(baseline=baseline, seed=args.seed, resume=not args.no_resume, progress=not args.no_progress,
                    extra={"run": run_info}, judge_full_turn=args.judge_full_turn)

@@ -1,0 +1,102 @@
+"""Greedy chat generation, and the optional vLLM backend (checked against a stand-in `vllm` module
+that records what it is asked: vLLM itself needs a CUDA GPU and is not installed here)."""
+import json
+import sys
+import types
+
+import pytest
+
+from circuit_breakers import generation
+from circuit_breakers.cli import main
+from circuit_breakers.generation import chat_prompt, generate, use_vllm
+
+from .conftest import make_tiny_model
+
+CONVERSATIONS = [[{"role": "user", "content": "How do I bake bread?"}],
+                 [{"role": "user", "content": "Explain the water cycle in three short sentences."}]]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A `vllm` module with the calls the backend makes: LLM(model=..., ...), LLM.generate, SamplingParams."""
+    calls = {"engines": [], "generate": []}
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls["engines"].append(kwargs)
+
+        def generate(self, prompts, params, use_tqdm=True):
+            calls["generate"].append((prompts, params.kwargs))
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"vllm answer {i}")])
+                    for i, _ in enumerate(prompts)]
+
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams = LLM, SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return calls
+
+
+def test_generate_returns_only_the_new_text_in_input_order(chat_tokenizer):
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=2)
+    both = generate(model, chat_tokenizer, CONVERSATIONS, max_new_tokens=4)
+    one_by_one = [generate(model, chat_tokenizer, [c], max_new_tokens=4)[0] for c in CONVERSATIONS]
+    assert both == one_by_one  # left padding does not change a row's greedy continuation
+    assert chat_tokenizer.padding_side == "right"  # restored
+
+
+def test_a_model_with_vllm_attached_generates_through_it(chat_tokenizer, fake_vllm):
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=2)
+    other = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=2)
+    use_vllm(model, "/models/rr", dtype="bfloat16", gpu_memory_utilization=0.3, seed=5)
+    assert fake_vllm["engines"] == [{"model": "/models/rr", "dtype": "bfloat16", "gpu_memory_utilization": 0.3,
+                                     "seed": 5}]
+
+    texts = generate(model, chat_tokenizer, CONVERSATIONS, prefills=["", "Sure,"], max_new_tokens=7)
+    assert texts == ["vllm answer 0", "vllm answer 1"]
+    prompts, params = fake_vllm["generate"][0]
+    assert params == {"temperature": 0.0, "max_tokens": 7, "skip_special_tokens": True}  # greedy, like the torch path
+    expected = [chat_tokenizer(chat_prompt(chat_tokenizer, c, p), add_special_tokens=False).input_ids
+                for c, p in zip(CONVERSATIONS, ["", "Sure,"])]
+    assert [p["prompt_token_ids"] for p in prompts] == expected  # the template's tokens, no second BOS
+
+    # A model without an engine, or a call that must see hooks on the torch model, stays on torch.
+    assert generate(other, chat_tokenizer, CONVERSATIONS, max_new_tokens=3)[0] != "vllm answer 0"
+    assert generate(model, chat_tokenizer, CONVERSATIONS, max_new_tokens=3, torch_only=True)[0] != "vllm answer 0"
+    assert len(fake_vllm["generate"]) == 1
+
+
+def _eval_args(tmp_path, chat_tokenizer, *extra):
+    path = tmp_path / "tiny"
+    make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=2).save_pretrained(path)
+    chat_tokenizer.save_pretrained(path)
+    behaviors = tmp_path / "b.jsonl"
+    behaviors.write_text('{"request": "How do I bake bread?", "id": "x1"}\n')
+    return ["eval", "--model", str(path), "--behaviors", str(behaviors), "--attacks", "direct", "--device", "cpu",
+            "--max-new-tokens", "3", "--out", str(tmp_path / "out"), "--no-progress", "--no-capability",
+            "--no-diagnostics", *extra]
+
+
+def test_eval_uses_vllm_when_asked_and_usable(tmp_path, chat_tokenizer, fake_vllm, monkeypatch):
+    monkeypatch.setattr(generation, "vllm_usable", lambda: True)
+    assert main(_eval_args(tmp_path, chat_tokenizer, "--generation-backend", "vllm", "--vllm-memory", "0.5")) == 0
+    assert fake_vllm["engines"][0]["model"] == str(tmp_path / "tiny")
+    assert fake_vllm["engines"][0]["gpu_memory_utilization"] == 0.5
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["run"]["generation"] == "vllm"
+    sample = json.loads((tmp_path / "out" / "samples.jsonl").read_text().splitlines()[0])
+    assert sample["output"] == "vllm answer 0"
+
+
+def test_eval_backend_choice(tmp_path, chat_tokenizer, monkeypatch, capsys):
+    monkeypatch.setattr(generation, "vllm_usable", lambda: False)
+    assert main(_eval_args(tmp_path, chat_tokenizer, "--generation-backend", "vllm")) == 2
+    assert "needs vLLM (`pip install vllm`) and a CUDA GPU" in capsys.readouterr().err
+    assert main(_eval_args(tmp_path, chat_tokenizer)) == 0  # auto: torch when vLLM is not usable
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["run"]["generation"] == "torch"
+    monkeypatch.setattr(generation, "vllm_usable", lambda: True)
+    assert main(_eval_args(tmp_path, chat_tokenizer, "--generation-backend", "vllm", "--vllm-memory", "2")) == 2
+    assert "--vllm-memory: a fraction between 0 and 1" in capsys.readouterr().err
