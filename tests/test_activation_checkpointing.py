@@ -55,13 +55,13 @@ def test_partial_checkpointing_gives_the_same_training(chat_tokenizer):
     assert supports_per_block_checkpointing(arch)
     # A budget that fits two of the four blocks without checkpointing for these batches.
     # With 10 bytes per token un-checkpointed and 1 checkpointed, the largest grad pass fits two of the
-    # four blocks without checkpointing; the last pass of every step (retain) is what the log shows.
-    retain_positions = [2 * max(trainer.retain_items[i].length for i in retain) for _, retain in _batches(trainer)]
-    largest = max(retain_positions)
+    # four blocks without checkpointing; the last pass of every step (rerouting) is what the log shows.
+    cb_positions = [2 * max(trainer.cb_items[i].length for i in cb) for cb, _ in _batches(trainer)]
+    largest = max(cb_positions)
     trainer.checkpoint_planner = CheckpointPlanner(arch, largest * (4 * 1 + 10 + 2 * 9), 10, 1)
     log = _run(trainer)
     assert [r["blocks_without_checkpointing"] for r in log] == [
-        min(4, (largest * 32 - p * 14) // (p * 9)) for p in retain_positions]
+        min(4, (largest * 32 - p * 14) // (p * 9)) for p in cb_positions]
     assert 2 in [r["blocks_without_checkpointing"] for r in log]
     for a, b in zip(log_off, log):
         assert b["rerouting_loss"] == pytest.approx(a["rerouting_loss"], abs=1e-6)

@@ -105,7 +105,9 @@ def test_zero3_checkpoint_does_not_resume_without_deepspeed(tmp_path, chat_token
 
 
 def test_deepspeed_is_imported_only_for_a_deepspeed_run():
+    """(In a fresh interpreter: accelerate's own launcher helpers, used by other tests, may import it.)"""
     code = ("import sys, circuit_breakers.training, circuit_breakers.cli, circuit_breakers.distributed; "
+            "circuit_breakers.cli.accelerate_command(['train', '--out', 'o'], 'fsdp'); "
             "print('deepspeed' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO / "src")},
                           capture_output=True, text=True, timeout=120)

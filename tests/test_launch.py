@@ -97,7 +97,6 @@ def test_deepspeed_configs_ask_for_the_extra_when_it_is_missing(monkeypatch):
     with pytest.raises(ConfigError, match=r"circuit-breakers\[deepspeed\]"):
         accelerate_command(["train", "--out", "o"], "deepspeed-zero2")
     accelerate_command(["train", "--out", "o"], "fsdp")  # no DeepSpeed needed
-    assert "deepspeed" not in sys.modules  # and never imported
 
 
 @pytest.mark.slow
