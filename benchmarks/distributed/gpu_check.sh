@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prepared GPU check for checkpoints, resume and the launchers (one GPU, a few minutes, tiny model):
 # `train --accelerate-config single-gpu`, a second identical run (GPU determinism), a resume from
-# step 4 compared with the uninterrupted run, then FSDP2 on one NCCL process and its resume.
-# Not run yet (README, Multi-GPU and multi-node). Progress goes to stdout as it happens.
+# step 4 compared with the uninterrupted run, then FSDP2 on one NCCL process and its resume, then
+# (when deepspeed is importable) DeepSpeed ZeRO-2 and ZeRO-3 on one process and a ZeRO-3 resume.
+# Not run on a GPU yet (README, Multi-GPU and multi-node). Progress goes to stdout as it happens.
 #   bash benchmarks/distributed/gpu_check.sh        (PYTHON=python3 by default)
 set -u
 cd "$(dirname "$0")/../.."
@@ -33,3 +34,19 @@ run fsdp "${FSDP[@]}" --out "$T/fsdp" --model "$T/tiny" "${COMMON[@]}"
 partial fsdp fpart; run fsdp-resume "${FSDP[@]}" --resume "$T/fpart/checkpoints/step-4" --no-progress
 "$PY" benchmarks/distributed/compare.py "$T/fsdp" "$T/single" "FSDP2 (1 process, NCCL) vs single GPU"
 "$PY" benchmarks/distributed/compare.py "$T/fpart" "$T/fsdp" "FSDP2 resumed at step 4 vs uninterrupted"
+if "$PY" -c "import deepspeed" 2>/dev/null; then
+    # Without LoRA dropout: under ZeRO-3 the rerouting pass runs to the last kept block (no early stop),
+    # so dropout would draw other masks than a plain run's.
+    run single-nodrop "$PY" -m circuit_breakers train --out "$T/single-nodrop" --model "$T/tiny" "${COMMON[@]}" lora_dropout=0
+    for z in 2 3; do
+        run zero$z "$PY" -m circuit_breakers train --accelerate-config deepspeed-zero$z --num-processes 1 \
+            --out "$T/zero$z" --model "$T/tiny" "${COMMON[@]}" lora_dropout=0
+        "$PY" benchmarks/distributed/compare.py "$T/zero$z" "$T/single-nodrop" "DeepSpeed ZeRO-$z (1 process) vs single GPU"
+    done
+    partial zero3 zpart
+    run zero3-resume "$PY" -m circuit_breakers train --accelerate-config deepspeed-zero3 --num-processes 1 \
+        --resume "$T/zpart/checkpoints/step-4" --no-progress
+    "$PY" benchmarks/distributed/compare.py "$T/zpart" "$T/zero3" "ZeRO-3 resumed at step 4 vs uninterrupted"
+else
+    echo "deepspeed not importable: the ZeRO checks are skipped"
+fi
