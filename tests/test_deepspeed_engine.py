@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +23,11 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
                                      reason="DeepSpeed is not installed (pip install 'circuit-breakers[deepspeed]')")
 
 
-def _launch(config: str, model, out, *flags: str) -> subprocess.CompletedProcess:
-    """2 processes x 2 micro-batches of 2 items: the global batch of the 1-process run with 4 micro-batches."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config_path(config)),
+def _launch(config, model, out, *flags: str) -> subprocess.CompletedProcess:
+    """2 processes x 2 micro-batches of 2 items: the global batch of the 1-process run with 4 micro-batches.
+    `config`: a shipped config's name or an accelerate config file."""
+    path = config if isinstance(config, Path) else accelerate_config_path(config)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path),
                "--num_processes", "2", "--main_process_port", str(_free_port()),
                str(REPO / "tests" / "distributed_worker.py"), str(model), str(out), "2", *flags]
     return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
@@ -36,11 +39,25 @@ def _assert_close(got: dict, want: dict) -> None:
         assert (got[name] - value).abs().max() <= RELATIVE_TOLERANCE * value.abs().max(), name
 
 
+def _own_deepspeed_config(folder: Path) -> Path:
+    """An accelerate config pointing at a DeepSpeed JSON of the user's, "auto" where the trainer decides."""
+    (folder / "ds.json").write_text(json.dumps({
+        "zero_optimization": {"stage": 2, "overlap_comm": True}, "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}))
+    (folder / "accelerate.yaml").write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nnum_machines: 1\nnum_processes: 2\n"
+        f"machine_rank: 0\ndeepspeed_config:\n  deepspeed_config_file: {folder / 'ds.json'}\n  zero3_init_flag: false\n")
+    return folder / "accelerate.yaml"
+
+
 @needs_deepspeed
-def test_zero2_matches_one_process(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("config", ["deepspeed-zero2", "own deepspeed_config_file"])
+def test_zero2_matches_one_process(tmp_path, tiny_checkpoint, config):
     out = tmp_path / "zero2"
     out.mkdir()
-    proc = _launch("deepspeed-zero2", tiny_checkpoint, out)
+    if config.startswith("own"):
+        config = _own_deepspeed_config(tmp_path)
+    proc = _launch(config, tiny_checkpoint, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
     single, single_log, _ = run(tiny_checkpoint, grad_accum=4)
