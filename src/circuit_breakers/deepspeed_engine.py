@@ -85,11 +85,12 @@ class ZeroEngine:
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss)
 
-    def step(self) -> float:
-        """Clip, step and zero the gradients; returns the gradient norm before clipping."""
+    def step(self) -> float | None:
+        """Clip, step and zero the gradients; returns the gradient norm before clipping (None where
+        DeepSpeed did not compute one: ZeRO-1/2 without clipping)."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float("nan") if norm is None else float(norm)
+        return None if norm is None else float(norm)
 
     @contextmanager
     def gathered(self, params: Sequence[nn.Parameter]) -> Iterator[None]:

@@ -362,8 +362,8 @@ class RRTrainer(ckpt.CheckpointedTraining):
         else:
             loss.backward()
 
-    def _optimizer_step(self) -> float:
-        """Clip and step; returns the gradient norm before clipping."""
+    def _optimizer_step(self) -> float | None:
+        """Clip and step; returns the gradient norm before clipping (None if DeepSpeed did not compute it)."""
         if self.zero is not None:
             return self.zero.step()
         self._sync_gradients()  # several processes: average the LoRA gradients once per optimizer step
