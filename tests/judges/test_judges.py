@@ -308,3 +308,23 @@ def test_llm_judge_needs_a_url():
 def test_verdict_fields():
     v = Verdict("error", "x")
     assert v.is_error and not v.harmful and v.score is None
+
+
+def test_response_nll_matches_one_item_at_a_time_with_full_logits(chat_tokenizer):
+    """Length-sorted batches and logits from the first response position on change nothing."""
+    from circuit_breakers.generation import chat_prompt
+    from circuit_breakers.judges.heuristic import response_nll
+
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=2).eval()
+    conversations = [[{"role": "user", "content": text}] for text in
+                     ("Hi", "Explain the water cycle in three sentences, please.", "How do I bake bread?", "Ok")]
+    outputs = ["Sure, here is a long answer about many things.", "Rain.", "", "Knead the dough well."]
+    got = response_nll(model, chat_tokenizer, conversations, outputs, batch_size=3)
+    for conv, out, (nll, n) in zip(conversations, outputs, got):
+        prompt = chat_tokenizer(chat_prompt(chat_tokenizer, conv), add_special_tokens=False).input_ids
+        ids = torch.tensor([prompt + chat_tokenizer(out, add_special_tokens=False).input_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        want = -logprobs[len(prompt) - 1:].gather(-1, ids[0, len(prompt):, None]).sum().item()
+        assert n == ids.shape[1] - len(prompt)
+        assert nll == pytest.approx(want, rel=1e-4, abs=1e-4)

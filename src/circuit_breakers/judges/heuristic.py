@@ -171,31 +171,42 @@ class HeuristicJudge(BaseJudge):
 @torch.no_grad()
 def response_nll(model, tokenizer, conversations: Sequence[list[dict]], outputs: Sequence[str],
                  batch_size: int = 8) -> list[tuple[float, int]]:
-    """(summed negative log-likelihood, token count) of each output as the assistant turn, under `model`."""
+    """(summed negative log-likelihood, token count) of each output as the assistant turn, under `model`.
+    Items of similar length share a batch, and the LM head runs only from the first response position
+    on (the vocabulary-wide logits of the prompts were most of the cost)."""
     from ..generation import chat_prompt
 
     device = next(model.parameters()).device
-    results: list[tuple[float, int]] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(outputs), batch_size):
-        rows, starts = [], []
-        for conv, out in zip(conversations[start:start + batch_size], outputs[start:start + batch_size]):
-            prompt = tokenizer(chat_prompt(tokenizer, conv), add_special_tokens=False).input_ids
-            answer = tokenizer(out, add_special_tokens=False).input_ids
-            rows.append(prompt + answer)
-            starts.append(len(prompt))
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    rows, starts = [], []
+    for conv, out in zip(conversations, outputs):
+        prompt = tokenizer(chat_prompt(tokenizer, conv), add_special_tokens=False).input_ids
+        rows.append(prompt + tokenizer(out, add_special_tokens=False).input_ids)
+        starts.append(len(prompt))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for chunk in (order[k:k + batch_size] for k in range(0, len(order), batch_size)):
+        width = max(len(rows[i]) for i in chunk)
+        first = max(min(starts[i] for i in chunk) - 1, 0)  # the first position whose logits score a response token
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
-        for i, (r, s) in enumerate(zip(rows, starts)):
-            scored = logprobs[i, s - 1:len(r) - 1]
-            results.append((-float(scored.sum()), int(scored.numel())))
+        for row, i in enumerate(chunk):
+            ids[row, :len(rows[i])] = torch.tensor(rows[i])
+            mask[row, :len(rows[i])] = 1
+        logits = _logits_from(model, ids.to(device), mask.to(device), first)[:, :width - 1 - first].float()
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, first + 1:, None].to(device))[..., 0]
+        for row, i in enumerate(chunk):
+            scored = logprobs[row, starts[i] - 1 - first:len(rows[i]) - 1 - first]
+            results[i] = (-float(scored.sum()), int(scored.numel()))
     return results
+
+
+def _logits_from(model, ids: torch.Tensor, mask: torch.Tensor, first: int) -> torch.Tensor:
+    """Logits of positions first.. (transformers' `logits_to_keep`; all positions, cut, for a model without it)."""
+    try:
+        return model(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1] - first).logits
+    except TypeError:
+        return model(input_ids=ids, attention_mask=mask).logits[:, first:]
 
 
 def output_perplexities(model, tokenizer, conversations: Sequence[list[dict]], outputs: Sequence[str],
