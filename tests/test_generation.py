@@ -85,6 +85,7 @@ def test_eval_uses_vllm_when_asked_and_usable(tmp_path, chat_tokenizer, fake_vll
     assert main(_eval_args(tmp_path, chat_tokenizer, "--generation-backend", "vllm", "--vllm-memory", "0.5")) == 0
     assert fake_vllm["engines"][0]["model"] == str(tmp_path / "tiny")
     assert fake_vllm["engines"][0]["gpu_memory_utilization"] == 0.5
+    assert fake_vllm["engines"][0]["dtype"] == "float32"  # the torch model's dtype as loaded (CPU: float32)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["run"]["generation"] == "vllm"
     sample = json.loads((tmp_path / "out" / "samples.jsonl").read_text().splitlines()[0])

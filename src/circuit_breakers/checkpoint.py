@@ -98,7 +98,8 @@ def check_free_space(out: Path, *, checkpoint_bytes: int, checkpoints: int, othe
 
 
 def state_bytes(tensors: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    # ds_numel: a ZeRO-3 parameter's whole size (its own tensor is this process's partition).
+    return sum(getattr(t, "ds_numel", t.numel()) * t.element_size() for t in tensors)
 
 
 # ---------------------------------------------------------------- data fingerprint

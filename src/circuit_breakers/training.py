@@ -226,8 +226,8 @@ class RRTrainer(ckpt.CheckpointedTraining):
         if config.gradient_checkpointing != "auto" or not supports_per_block_checkpointing(self.arch):
             return None
         if self.dist.mode in ("fsdp", "deepspeed"):
-            # Under FSDP (and ZeRO-3) a checkpointed block all-gathers its weights again in backward: plans that differ
-            # between processes (each has its own batch lengths) would desynchronise the collectives.
+            # Under FSDP (and DeepSpeed's ZeRO-3) a checkpointed block all-gathers its weights again in backward:
+            # plans that differ between processes (each has its own batch lengths) would desynchronise them.
             return None
         full, checkpointed = measure_activation_bytes_per_token(self.arch, self.retain_entries)
         if config.activation_memory_gb is not None:

@@ -145,8 +145,8 @@ def _run(args) -> int:
         from ..models import resolve_model_path
 
         for m, spec in [(model, args.model)] + ([(baseline[0], args.baseline)] if baseline else []):
-            use_vllm(m, resolve_model_path(spec), dtype=args.dtype, gpu_memory_utilization=args.vllm_memory,
-                     seed=args.seed)
+            dtype = str(next(m.parameters()).dtype).removeprefix("torch.")  # the torch model's, as resolved
+            use_vllm(m, resolve_model_path(spec), dtype=dtype, gpu_memory_utilization=args.vllm_memory, seed=args.seed)
     reference = baseline if baseline is not None else (model, tokenizer)
     judge = make_judge(args.judge, args.judge_model, reference=reference if args.judge == "heuristic" else None)
     out = Path(args.out)
