@@ -17,7 +17,7 @@ from circuit_breakers.cli import accelerate_config_path
 from circuit_breakers.config import ConfigError, RRConfig
 
 from .distributed_worker import run
-from .test_distributed import REPO, RELATIVE_TOLERANCE, _env, _free_port
+from .test_distributed import REPO, RELATIVE_TOLERANCE, _env, _free_port, assert_close_weights
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="DeepSpeed is not installed (pip install 'circuit-breakers[deepspeed]')")
@@ -31,12 +31,6 @@ def _launch(config, model, out, *flags: str) -> subprocess.CompletedProcess:
                "--num_processes", "2", "--main_process_port", str(_free_port()),
                str(REPO / "tests" / "distributed_worker.py"), str(model), str(out), "2", *flags]
     return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
-
-
-def _assert_close(got: dict, want: dict) -> None:
-    assert set(got) == set(want)
-    for name, value in want.items():
-        assert (got[name] - value).abs().max() <= RELATIVE_TOLERANCE * value.abs().max(), name
 
 
 def _own_deepspeed_config(folder: Path) -> Path:
@@ -63,7 +57,7 @@ def test_zero2_matches_one_process(tmp_path, tiny_checkpoint, config):
     single, single_log, _ = run(tiny_checkpoint, grad_accum=4)
     for name in single:
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), f"{name} differs across ranks"
-    _assert_close(ranks[0]["weights"], single)
+    assert_close_weights(ranks[0]["weights"], single)
     for got, want in zip(ranks[0]["log"], single_log, strict=True):  # DeepSpeed's gradient norm included
         for key in ("rerouting_loss", "retain_loss", "grad_norm"):
             assert got[key] == pytest.approx(want[key], rel=RELATIVE_TOLERANCE), key
@@ -77,7 +71,7 @@ def test_zero3_saves_the_gathered_adapter_and_resumes_to_the_same_one(tmp_path, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = torch.load(out / "rank0.pt")["weights"]  # OUT/adapter, gathered from both partitions by rank 0
     single, _, _ = run(tiny_checkpoint, grad_accum=4)
-    _assert_close(saved, {name.replace(".default.", "."): value for name, value in single.items()})
+    assert_close_weights(saved, {name.replace(".default.", "."): value for name, value in single.items()})
     assert (out / "run" / "model" / "config.json").is_file()  # merged from the original model on rank 0
 
     checkpoint = out / "run" / "checkpoints" / "step-2"

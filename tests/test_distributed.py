@@ -22,6 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 RELATIVE_TOLERANCE = 1e-5
 
 
+def assert_close_weights(got: dict, want: dict) -> None:
+    """The same LoRA weight names, each within RELATIVE_TOLERANCE of the largest value it should have."""
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert (got[name] - value).abs().max() <= RELATIVE_TOLERANCE * value.abs().max(), name
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -50,10 +57,9 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny
     single, single_log, rank = run(tiny_checkpoint, grad_accum=4)
     assert rank == 0
 
-    for name, want in single.items():
+    for name in single:
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), f"{name} differs across ranks"
-        got = ranks[0]["weights"][name]
-        assert (got - want).abs().max() <= RELATIVE_TOLERANCE * want.abs().max(), name
+    assert_close_weights(ranks[0]["weights"], single)
     g = torch.Generator().manual_seed(7)  # the B matrices `run` starts from, in the same order
     moved = max((w - torch.randn(w.shape, generator=g) * 0.05).abs().max().item()
                 for n, w in single.items() if "lora_B" in n)
@@ -121,10 +127,7 @@ def test_fsdp_sharded_run_saves_the_adapter_of_one_process(tmp_path, tiny_checkp
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = torch.load(tmp_path / "rank0.pt")["weights"]  # OUT/adapter, written by rank 0
     single, _, _ = run(tiny_checkpoint, grad_accum=4)
-    assert set(saved) == {name.replace(".default.", ".") for name in single}
-    for name, want in single.items():
-        got = saved[name.replace(".default.", ".")]
-        assert (got - want).abs().max() <= RELATIVE_TOLERANCE * want.abs().max(), name
+    assert_close_weights(saved, {name.replace(".default.", "."): value for name, value in single.items()})
     checkpoint = tmp_path / "run" / "checkpoints" / "step-2"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["parallel"] == "fsdp"
     assert len(load_file(checkpoint / "adapter" / "adapter_model.safetensors")) == len(single)

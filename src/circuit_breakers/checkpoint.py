@@ -348,12 +348,8 @@ class CheckpointedTraining:
         return checkpoint
 
     def _cache_bytes(self) -> int:
-        """The frozen-state caches when full (the formula of `_plan_frozen_caches`)."""
-        base = unwrap(self.model)
-        width = torch.finfo(next(base.parameters()).dtype).bits // 8 * base.config.hidden_size
-        return sum(sum(x.length for x in items) * len(entries) * width
-                   for cache, items, entries in ((self.cb_cache, self.cb_items, self.target_layers),
-                                                 (self.retain_cache, self.retain_items, self.retain_entries))
+        """The frozen-state caches in use, when full."""
+        return sum(size for cache, size in zip((self.cb_cache, self.retain_cache), self.frozen_cache_sizes)
                    if cache is not None)
 
     def _non_finite_message(self, step: int, values: dict, out: Path | None) -> str:

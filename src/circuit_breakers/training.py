@@ -243,9 +243,11 @@ class RRTrainer(ckpt.CheckpointedTraining):
         bytes_per_value = torch.finfo(next(base.parameters()).dtype).bits // 8
         budget = self.config.frozen_cache_gb * 2**30
         caches = []
+        self.frozen_cache_sizes = []  # bytes of each set's cache when full (also the checkpoints' estimate)
         for items, entries in ((self.cb_items, self.target_layers), (self.retain_items, self.retain_entries)):
             size = sum(x.length for x in items) * len(entries) * base.config.hidden_size * bytes_per_value
             caches.append(FrozenStateCache() if size <= budget else None)
+            self.frozen_cache_sizes.append(size)
             budget -= size if size <= budget else 0
         self.cb_cache, self.retain_cache = caches
 
