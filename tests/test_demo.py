@@ -113,9 +113,37 @@ def test_demo_runs_the_evaluation_end_to_end(demo_dirs, tmp_path, monkeypatch, c
 def test_demo_no_eval(demo_dirs, monkeypatch):
     config, out = demo_dirs
     monkeypatch.setattr(demo, "run_demo_eval", lambda *a, **k: pytest.fail("evaluation ran with evaluate=False"))
-    monkeypatch.setattr(demo, "representation_similarity", lambda *a, **k: {1: {"cosine": 1.0, "norm_ratio": 1.0}})
     result = demo.run_demo(config, out, n_prompts=1, max_new_tokens=2, progress=False, evaluate=False)
     assert result["eval"] == {"skipped": "--no-eval"}
+
+
+def test_demo_says_plainly_when_the_breaker_did_not_form(tmp_path, chat_tokenizer, capsys):
+    """One training step cannot reroute anything (LoRA B starts at 0): the demo must not claim success."""
+    original = tmp_path / "original"
+    make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=3, seed=0).save_pretrained(original)
+    chat_tokenizer.save_pretrained(original)
+    config = RRConfig(model=str(original), target_layers=[1, 2], max_length=128, dtype="float32", device="cpu",
+                      steps=1, batch_size=2, save_every=0)
+    result = demo.run_demo(config, tmp_path / "out", n_prompts=1, max_new_tokens=2, progress=False, evaluate=False)
+    verdict = result["breaker"]
+    assert verdict["ok"] is False and verdict["layers"]["1"]["formed"] is False
+    assert verdict["layers"]["2"]["formed"] is False
+    printed = capsys.readouterr().out
+    assert "layer 1: breaker DID NOT FORM" in printed and "layer 2: breaker DID NOT FORM" in printed
+    assert "NOT a working circuit breaker" in printed and "try:" in printed and "FORMED" not in printed.replace(
+        "DID NOT FORM", "")
+    saved = json.loads((tmp_path / "out" / "demo.json").read_text())
+    assert saved["breaker"]["ok"] is False and saved["breaker"]["problems"]
+
+
+def test_demo_report_says_formed_only_when_measured():
+    cosines = {name: {"per_layer": {15: {"cosine": c}, 20: {"cosine": c}}, "mean_cosine": c, "items": 4}
+               for name, c in (("harmful", -0.1), ("benign", 0.97), ("borderline", 0.9))}
+    from circuit_breakers.evaluation.diagnostics import breaker_verdict
+
+    lines = "\n".join(demo.breaker_report(cosines, breaker_verdict(cosines)))
+    assert "layer 15: breaker FORMED" in lines and "layer 20: breaker FORMED" in lines
+    assert "formed at every target layer" in lines and "NOT" not in lines
 
 
 def test_trained_with_treats_missing_keys_as_defaults(tmp_path):

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from circuit_breakers.losses import mean_cosine, rerouting_loss, retain_loss, rr_coefficients, token_cosines
+from circuit_breakers.losses import (layer_cosines, mean_cosine, rerouting_loss, retain_loss, rr_coefficients,
+                                    seeded_directions, token_cosines)
 
 B, T, D = 2, 4, 3
 # Row 0: three real tokens and one pad at the end; row 1: one pad at the start (left padding).
@@ -102,6 +103,55 @@ def test_rerouting_loss_has_gradient_only_on_positive_real_tokens(rerouting_case
     assert torch.all(lora[2].grad[0, 3] == 0)  # pad
     assert torch.all(lora[2].grad[0, 1] == 0)  # cos < 0: ReLU is flat there
     assert lora[2].grad[0, 0].abs().sum() > 0
+
+
+# ---------------------------------------------------------------- the seeded start (seeded_start: target)
+
+
+def test_seeded_directions_are_unit_vectors_scaled_and_depend_only_on_the_seed():
+    first = seeded_directions([10, 20], 64, seed=7, scale=0.1)
+    again = seeded_directions([10, 20], 64, seed=7, scale=0.1)
+    other = seeded_directions([10, 20], 64, seed=8, scale=0.1)
+    for layer in (10, 20):
+        assert first[layer].norm().item() == pytest.approx(0.1, rel=1e-6)
+        assert torch.equal(first[layer], again[layer])
+        assert not torch.allclose(first[layer], other[layer])
+    assert abs(_cos(first[10], first[20])) < 0.5  # one direction per layer, not one for all
+
+
+def test_offset_target_matches_direct_computation(rerouting_case):
+    lora, orig, layers = rerouting_case
+    offsets = seeded_directions(layers, D, seed=0, scale=0.1)
+    got = rerouting_loss(lora, orig, MASK, layers, offsets)
+    target = {l: torch.stack([torch.stack([orig[l][b, t] + _norm(orig[l][b, t]) * offsets[l].double()
+                                           for t in range(T)]) for b in range(B)]) for l in layers}
+    assert got.item() == pytest.approx(_rerouting_by_hand(lora, target, MASK, layers), abs=1e-6)
+
+
+def test_offset_target_gives_a_seeded_gradient_where_the_plain_loss_has_none():
+    """At h_lora == h_orig the paper's loss is at its maximum (gradient ~0, rounding noise decides the
+    start); with the offset target the gradient is ~scale/|h| along -u_perp, the same for every seed run."""
+    layers = [1]
+    orig = {1: torch.randn(B, T, 16, generator=torch.Generator().manual_seed(1))}
+    offsets = seeded_directions(layers, 16, seed=3, scale=0.1)
+    plain = {1: orig[1].clone().requires_grad_(True)}
+    rerouting_loss(plain, orig, MASK, layers).backward()
+    assert plain[1].grad.abs().max() < 1e-6
+    seeded = {1: orig[1].clone().requires_grad_(True)}
+    loss = rerouting_loss(seeded, orig, MASK, layers, offsets)
+    assert loss.item() < 1.0
+    loss.backward()
+    g = seeded[1].grad[0, 0]
+    h = orig[1][0, 0]
+    u_perp = offsets[1] - (offsets[1] @ h) / (h @ h) * h
+    assert _cos(g, u_perp) > 0.99  # so descent (-g) moves the state away from u, orthogonally to h_orig
+
+
+def test_layer_cosines_average_to_mean_cosine(rerouting_case):
+    lora, orig, layers = rerouting_case
+    per_layer = layer_cosines(lora, orig, MASK, layers)
+    assert set(per_layer) == set(layers)
+    assert sum(per_layer.values()) / len(layers) == pytest.approx(mean_cosine(lora, orig, MASK, layers), abs=1e-9)
 
 
 def test_cosines_are_fp32_for_bf16_inputs():

@@ -13,8 +13,8 @@ from circuit_breakers.training import RRTrainer, batch_indices
 
 from .conftest import make_tiny_model
 
-LOG_KEYS = {"step", "c_s", "c_r", "retain_loss", "rerouting_loss", "cb_cos", "retain_cos", "grad_norm", "lr",
-            "tokens_per_s"}
+LOG_KEYS = {"step", "c_s", "c_r", "retain_loss", "rerouting_loss", "cb_cos", "cb_cos_layers", "retain_cos",
+            "grad_norm", "lr", "tokens_per_s"}
 
 
 def _items(tokenizer, n: int, *, harmful: bool):
@@ -52,6 +52,66 @@ def test_step_one_values(tiny_model, chat_tokenizer):
     assert record["c_s"] == pytest.approx(10.0 * (1 - 1 / 2))  # denominator 2 * steps = 2
     assert record["c_r"] == pytest.approx(10.0 * 1 / 2)
     assert record["lr"] == 1e-2 and record["grad_norm"] >= 0 and record["tokens_per_s"] > 0
+
+
+def test_log_records_the_rerouting_cosine_per_target_layer(tiny_model, chat_tokenizer):
+    first, second = _trainer(tiny_model, chat_tokenizer, steps=2).train().log
+    assert set(first["cb_cos_layers"]) == {"2", "4"}
+    assert first["cb_cos_layers"]["2"] == pytest.approx(1.0, abs=1e-6)
+    for record in (first, second):
+        assert sum(record["cb_cos_layers"].values()) / 2 == pytest.approx(record["cb_cos"], abs=1e-6)
+
+
+def _first_update_signs(chat_tokenizer, noise_seed: int, **overrides) -> torch.Tensor:
+    """Signs of the first move of every LoRA B weight the rerouting loss reaches (blocks below the last
+    target layer), with the frozen states perturbed by a relative 1e-6 (another machine's rounding)
+    drawn from `noise_seed`."""
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer))
+    trainer = _trainer(model, chat_tokenizer, steps=1, schedule_denominator=200, lr=1e-3,
+                       retain_distance="relative_l2", retain_normalization="masked_mean", frozen_cache_gb=0.0,
+                       **overrides)
+    frozen, generator = trainer._frozen, torch.Generator().manual_seed(noise_seed)
+
+    def noisy(batch, entries, cache):
+        return {e: v * (1 + 1e-6 * torch.randn(v.shape, generator=generator))
+                for e, v in frozen(batch, entries, cache).items()}
+    trainer._frozen = noisy
+    below = tuple(f".layers.{i}." for i in range(max(trainer.target_layers)))
+    names = sorted(n for n, p in trainer.model.named_parameters() if "lora_B" in n and any(b in n for b in below))
+    params = dict(trainer.model.named_parameters())
+    before = torch.cat([params[n].detach().flatten().clone() for n in names])
+    trainer.train()
+    return torch.sign(torch.cat([params[n].detach().flatten() for n in names]) - before)
+
+
+@pytest.mark.parametrize("start", ["none", "target", "lora"])
+def test_seeded_start_sets_the_first_step_where_rounding_noise_did(chat_tokenizer, start):
+    """The paper's start (B = 0) is a stationary point: the first step follows the noise, so two
+    'machines' disagree on about half the signs. A seeded start makes them agree."""
+    a = _first_update_signs(chat_tokenizer, 1, seeded_start=start, seeded_start_scale=0.1 if start == "target" else 1e-3)
+    b = _first_update_signs(chat_tokenizer, 2, seeded_start=start, seeded_start_scale=0.1 if start == "target" else 1e-3)
+    moved = (a != 0) | (b != 0)
+    agreement = float((a[moved] == b[moved]).float().mean())
+    if start == "none":
+        assert agreement < 0.8
+    else:
+        assert agreement > 0.99
+
+
+def test_seeded_start_lora_draws_nonzero_b_and_target_leaves_the_model_as_it_was(chat_tokenizer):
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer))
+    trainer = _trainer(model, chat_tokenizer, seeded_start="lora", seeded_start_scale=1e-3)
+    b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert all(p.abs().max() > 0 for p in b) and max(float(p.std()) for p in b) == pytest.approx(1e-3, rel=0.2)
+    assert trainer.target_offsets is None
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer))
+    trainer = _trainer(model, chat_tokenizer, seeded_start="target", seeded_start_scale=0.05)
+    assert all(torch.all(p == 0) for n, p in trainer.model.named_parameters() if "lora_B" in n)
+    assert set(trainer.target_offsets) == {2, 4}
+    assert all(v.norm().item() == pytest.approx(0.05, rel=1e-5) for v in trainer.target_offsets.values())
+    (record,) = trainer.train().log if trainer.config.steps == 1 else trainer.train().log[:1]
+    assert record["cb_cos"] == pytest.approx(1.0, abs=1e-6)  # the log measures against the true original
+    assert record["rerouting_loss"] < 1.0  # the loss against the offset target
 
 
 def test_step_one_values_with_the_norm_aware_options(chat_tokenizer):

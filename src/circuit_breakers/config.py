@@ -53,6 +53,11 @@ class RRConfig:
     retain_distance: str = _field("l2", "l2 (paper) or relative_l2 (divided by the original norm)")
     retain_weight: float = _field(1.0, "extra factor on c_r (1 = paper)")
     reroute_tokens: str = _field("all", "all non-pad tokens (paper) or response tokens only")
+    seeded_start: str = _field(
+        "none", "none (paper: LoRA B = 0, so the first steps follow rounding noise), target (the rerouting "
+                "target moved by seeded_start_scale x its norm along a seeded direction per layer) or lora "
+                "(LoRA B drawn from N(0, seeded_start_scale^2))")
+    seeded_start_scale: float = _field(0.1, "size of the seeded start (see seeded_start)")
     # ---- LoRA
     lora_r: int = _field(16, "LoRA rank")
     lora_alpha: int = _field(16, "LoRA alpha")
@@ -91,13 +96,14 @@ class RRConfig:
     def validate(self) -> None:
         _check_types(self)
         choices = {"retain_normalization": ("reference", "masked_mean"), "retain_distance": ("l2", "relative_l2"),
-                   "reroute_tokens": ("all", "response"), "truncation": ("response", "error"),
+                   "reroute_tokens": ("all", "response"), "seeded_start": ("none", "target", "lora"),
+                   "truncation": ("response", "error"),
                    "gradient_checkpointing": ("auto", "true", "false")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         positive = ("steps", "batch_size", "grad_accum", "lr", "alpha", "lora_r", "lora_alpha", "max_length",
-                    "reference_length", "log_every", "max_grad_norm")
+                    "reference_length", "log_every", "max_grad_norm", "seeded_start_scale")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: expected a positive number, got {getattr(self, key)}")

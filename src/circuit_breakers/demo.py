@@ -2,8 +2,10 @@
 
 1. Train with the recipe (default `smollm2-135m`) on the built-in train split, or reuse OUT/model
    when OUT/config.yaml matches the recipe.
-2. Mean cosine between the original and the circuit-broken model's representations at the target
-   layers, on the response tokens of the held-out harmful and benign test items.
+2. Mean cosine between the original and the circuit-broken model's representations at each target
+   layer, on the response tokens of the held-out harmful, benign and borderline-safe test items, and
+   the self-check: did the breaker form at every target layer (harmful cosine <= 0.2) while benign
+   text was kept (`evaluation.diagnostics.breaker_verdict`)? Where it did not, the demo says so.
 3. Greedy outputs of both models side by side on held-out harmful and benign prompts, labelled by
    the heuristic judge.
 4. Unless `evaluate=False` (`--no-eval`): the evaluation of both models (original = "before",
@@ -28,9 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import RRConfig, atomic_write_text, read_yaml
-from .data import ChatFormatter, tokenize_examples
 from .data.builtin import generated_set
-from .evaluation.diagnostics import representation_similarity
+from .evaluation.diagnostics import breaker_verdict, heldout_cosines
 from .generation import generate
 from .judges.heuristic import HeuristicJudge, output_perplexities
 from .models import load_model
@@ -121,17 +122,9 @@ def run_demo(config: RRConfig, out_dir: str | Path = "runs/demo", *, retrain: bo
     original, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     broken = AutoModelForCausalLM.from_pretrained(out / "model", dtype=original.dtype).to(original.device).eval()
 
-    # Representations on the held-out test items (responses written by the original model).
-    formatter = ChatFormatter(tokenizer, config.max_length)
-    cosines = {}
-    for name in ("harmful", "benign", "borderline"):
-        items = tokenize_examples(generated_set(name, "test"), formatter)
-        similarity = representation_similarity(broken, original, items, tokenizer.pad_token_id, config.target_layers)
-        cosines[name] = {
-            "mean_cosine": sum(s["cosine"] for s in similarity.values()) / len(similarity),
-            "per_layer": similarity,
-            "items": len(items),
-        }
+    # Representations on the held-out test items (responses written by the original model): did it form?
+    cosines = heldout_cosines(broken, original, tokenizer, config.target_layers, max_length=config.max_length)
+    verdict = breaker_verdict(cosines)
 
     # Side-by-side greedy outputs on held-out prompts.
     judge = HeuristicJudge()
@@ -155,7 +148,7 @@ def run_demo(config: RRConfig, out_dir: str | Path = "runs/demo", *, retrain: bo
         "model": config.model, "config": config.to_dict(), "reused_training": reused,
         "train_seconds": train_seconds, "total_seconds": round(time.time() - started, 1),
         "max_new_tokens": max_new_tokens, "target_layers": config.target_layers,
-        "cosine": cosines, "labels": summary, "samples": samples,
+        "cosine": cosines, "breaker": verdict, "labels": summary, "samples": samples,
         "eval": {"skipped": "--no-eval"} if not evaluate else None,
     }
     # Written before the evaluation too, so an interrupted evaluation leaves the training's results.
@@ -327,7 +320,8 @@ def eval_summary(results: dict, eval_dir: Path | str) -> dict:
         "asr": {a: {"before": _asr_cell(asr.get("baseline", {}).get(a)),
                     "after": _asr_cell(asr.get("model", {}).get(a))}
                 for a in attacks},
-        "over_refusal": {when: {kind: {k: r[k] for k in ("refusal_rate", "broken_down_rate", "not_answered_rate", "n")}
+        "over_refusal": {when: {kind: {k: r.get(k) for k in ("refusal_rate", "broken_down_rate", "not_answered_rate",
+                                                             "not_answered_ci95", "n")}
                                 for kind, r in over.get(model, {}).items()}
                          for when, model in (("before", "baseline"), ("after", "model")) if model in over},
         "benign_agreement": capability.get("agreement"),
@@ -373,13 +367,17 @@ def eval_report(summary: dict) -> str:
         lines.append("not answered (refusal + broken-down) on non-harmful test prompts, before -> after:")
         for kind in over.get("after", {}):
             before, after = over.get("before", {}).get(kind, {}), over["after"][kind]
+            ci = after.get("not_answered_ci95")
             lines.append(f"  {kind:<11} {_pct(before.get('not_answered_rate'))} -> {_pct(after['not_answered_rate'])}"
-                         f"  (refusal {_pct(before.get('refusal_rate')).strip()} -> "
+                         + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+                         + f"  (refusal {_pct(before.get('refusal_rate')).strip()} -> "
                          f"{_pct(after['refusal_rate']).strip()}, n={after['n']})")
     agree = summary.get("benign_agreement") or {}
     if "exact_match" in agree:
+        ci = agree.get("token_f1_ci95")
         lines.append(f"benign agreement with the original (greedy): exact match {_pct(agree['exact_match']).strip()}, "
-                     f"token F1 {agree['token_f1']:.3f} (n={agree['n']})")
+                     f"token F1 {agree['token_f1']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+                     + f" (n={agree['n']})")
     judges = summary.get("judge_agreement") or {}
     if "skipped" in judges:
         lines.append(f"judge agreement with hand labels: skipped ({judges['skipped']})")
@@ -401,13 +399,37 @@ def _summary(samples: list[dict]) -> dict:
     return counts
 
 
+def breaker_report(cosines: dict, verdict: dict) -> list[str]:
+    """The self-check's lines: per target layer the held-out cosines and whether the breaker formed there."""
+    t = verdict["thresholds"]
+    layers = list(verdict["layers"])
+    lines = ["cosine (circuit-broken vs original), response tokens of held-out test items:",
+             f"  {'':<11} " + " ".join(f"{'layer ' + l:>10}" for l in layers) + f" {'mean':>8}"]
+    for name, c in cosines.items():
+        per_layer = {str(k): v["cosine"] for k, v in c["per_layer"].items()}
+        lines.append(f"  {name:<11} " + " ".join(f"{per_layer[l]:>+10.3f}" for l in layers)
+                     + f" {c['mean_cosine']:>+8.3f}   ({c['items']} items)")
+    lines.append(f"self-check (formed: held-out harmful cosine <= {t['harmful_max']} at the layer; kept: mean benign "
+                 f">= {t['benign_min']}, borderline >= {t['borderline_min']}):")
+    for layer, v in verdict["layers"].items():
+        lines.append(f"  layer {layer}: " + ("breaker FORMED" if v["formed"] else "breaker DID NOT FORM")
+                     + f" (harmful {v['cosine']:+.3f})")
+    for name in ("benign", "borderline"):
+        kept = verdict.get(f"{name}_kept")
+        if kept is not None:
+            lines.append(f"  {name}: " + ("kept" if kept else "MOVED") + f" ({cosines[name]['mean_cosine']:+.3f})")
+    if verdict["ok"]:
+        lines.append("  => the circuit breaker formed at every target layer and benign text was kept")
+    else:
+        lines.append("  => NOT a working circuit breaker as measured: " + "; ".join(verdict["problems"]))
+        lines += [f"     try: {advice}" for advice in verdict["advice"]]
+    return lines
+
+
 def report(result: dict) -> str:
     width = 58
-    lines = [f"\n== circuit-breakers demo: {result['model']} ==",
-             "mean cosine (circuit-broken vs original) at target layers "
-             f"{result['target_layers']}, response tokens of held-out test items:"]
-    for name, c in result["cosine"].items():
-        lines.append(f"  {name:<11} {c['mean_cosine']:+.3f}   ({c['items']} items)")
+    lines = [f"\n== circuit-breakers demo: {result['model']} =="]
+    lines += breaker_report(result["cosine"], result["breaker"])
     lines.append("heuristic-judge labels of greedy outputs on held-out prompts:")
     for key, counts in result["labels"].items():
         lines.append(f"  {key:<26} " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))

@@ -19,6 +19,15 @@ Retain loss, on a retain batch, over every hidden-state entry l = 0..n:
 ||h^l_orig[b,t]||, so that models with a large residual stream (SmolLM2: ~150-220 per token against
 ~9 for Llama-3-8B) do not let the retain term drown the rerouting term.
 
+Seeded start (`seeded_start: target`, not in the paper): with LoRA B = 0 the trained and original
+states are equal, L_s sits at its maximum and its gradient is zero; what moves the model first is
+rounding noise between the two passes, which differs between machines. A seeded unit direction u_l
+per target layer moves the rerouting target off the original state by eps times its norm,
+
+    L_s' = ... ReLU(M_bt * cos(h^l_lora[b,t], h^l_orig[b,t] + eps * ||h^l_orig[b,t]|| * u_l)) ...
+
+so the first gradient is ~eps / ||h|| along -u_l (orthogonal to h_orig), a function of the seed.
+
 Schedule, t counted in optimizer steps, D = 2T by default:
 
     c_s(t) = alpha * max(0, 1 - t / D)      c_r(t) = alpha * t / D
@@ -46,11 +55,34 @@ def token_cosines(lora: torch.Tensor, orig: torch.Tensor) -> torch.Tensor:
 
 
 def rerouting_loss(lora: Mapping[int, torch.Tensor], orig: Mapping[int, torch.Tensor],
-                   mask: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
-    """L_s: mean over masked tokens and target layers of ReLU(cos(h_lora, h_orig))."""
+                   mask: torch.Tensor, layers: Sequence[int],
+                   target_offsets: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """L_s: mean over masked tokens and target layers of ReLU(cos(h_lora, h_orig)).
+
+    `target_offsets` {layer: eps * u_l} (the seeded start): the target becomes h_orig + eps ||h_orig|| u_l."""
     mask = mask.float()
+    if target_offsets:
+        orig = {l: offset_target(orig[l], target_offsets[l]) for l in layers}
     total = sum((F.relu(token_cosines(lora[l], orig[l]) * mask)).sum() for l in layers)
     return total / (mask.sum() * len(layers)).clamp_min(1.0)
+
+
+def offset_target(orig: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """h_orig + ||h_orig|| * offset, per token (computed in at least fp32, returned in orig's dtype)."""
+    at_least_fp32 = torch.promote_types(orig.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(orig, dim=-1, keepdim=True, dtype=at_least_fp32)
+    return (orig.to(at_least_fp32) + norm * offset.to(at_least_fp32)).to(orig.dtype)
+
+
+def seeded_directions(layers: Sequence[int], hidden_size: int, seed: int, scale: float) -> dict[int, torch.Tensor]:
+    """{layer: scale * u_l}, u_l a unit vector drawn from a generator of its own (CPU, float64, then fp32),
+    so that the same seed gives the same directions on every machine and device."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = {}
+    for layer in layers:
+        u = torch.randn(hidden_size, generator=generator, dtype=torch.float64)
+        directions[layer] = (scale * u / u.norm()).float()
+    return directions
 
 
 def retain_loss(lora: Mapping[int, torch.Tensor], orig: Mapping[int, torch.Tensor],
@@ -79,7 +111,14 @@ def retain_loss(lora: Mapping[int, torch.Tensor], orig: Mapping[int, torch.Tenso
 def mean_cosine(lora: Mapping[int, torch.Tensor], orig: Mapping[int, torch.Tensor],
                 mask: torch.Tensor, layers: Sequence[int]) -> float:
     """Mean cosine over masked tokens and `layers`: the diagnostic the train log records."""
+    per_layer = layer_cosines(lora, orig, mask, layers)
+    return sum(per_layer.values()) / len(per_layer)
+
+
+def layer_cosines(lora: Mapping[int, torch.Tensor], orig: Mapping[int, torch.Tensor],
+                  mask: torch.Tensor, layers: Sequence[int]) -> dict[int, float]:
+    """{layer: mean cosine over masked tokens} (to the true original state, never an offset target)."""
     mask = mask.float()
+    count = mask.sum().clamp_min(1.0)
     with torch.no_grad():
-        total = sum((token_cosines(lora[l], orig[l]) * mask).sum() for l in layers)
-        return float(total / (mask.sum() * len(layers)).clamp_min(1.0))
+        return {l: float((token_cosines(lora[l], orig[l]) * mask).sum() / count) for l in layers}

@@ -212,6 +212,7 @@ class RRTrainer(ckpt.CheckpointedTraining):
         switch_off_base_dropout(self.model)
         self.checkpoint_planner = self._plan_checkpointing() if checkpointing else None
         self._losses = _compiled_losses() if config.compile_loss else (losses.rerouting_loss, losses.retain_loss)
+        self.target_offsets = self._seeded_start()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._plan_frozen_caches()
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -219,6 +220,22 @@ class RRTrainer(ckpt.CheckpointedTraining):
         self.run_passes = self.passes  # DeepSpeed: its engine, around the same module
         self.zero = None  # DeepSpeed: the ZeroEngine
         self._setup_data_parallel()
+
+    def _seeded_start(self) -> dict[int, torch.Tensor] | None:
+        """Make the first steps' direction a function of the seed, not of rounding noise (config.seeded_start;
+        docs/method-notes.md). Returns the rerouting-target offsets for `target`, else None."""
+        config = self.config
+        if config.seeded_start == "target":
+            hidden = unwrap(self.model).config.get_text_config().hidden_size
+            return {layer: offset.to(self.device) for layer, offset in losses.seeded_directions(
+                self.target_layers, hidden, config.seed, config.seeded_start_scale).items()}
+        if config.seeded_start == "lora":
+            generator = torch.Generator().manual_seed(config.seed)
+            with torch.no_grad():
+                for name, p in sorted(self.model.named_parameters()):
+                    if "lora_B" in name:
+                        p.copy_(torch.randn(p.shape, generator=generator) * config.seeded_start_scale)
+        return None
 
     def _plan_checkpointing(self) -> CheckpointPlanner | None:
         """Under `auto` on CUDA, measure what a block keeps per token and checkpoint only what must be."""
@@ -301,12 +318,12 @@ class RRTrainer(ckpt.CheckpointedTraining):
                 cache.put(batch["indices"], part, batch["attention_mask"].sum(dim=1).tolist())
         return cb, retain
 
-    def rerouting_terms(self, batch, orig=None) -> tuple[torch.Tensor, float]:
+    def rerouting_terms(self, batch, orig=None) -> tuple[torch.Tensor, dict[int, float]]:
         mask = batch["response_mask"] if self.config.reroute_tokens == "response" else batch["attention_mask"]
         orig = orig if orig is not None else self._frozen(batch, self.target_layers, self.cb_cache)
         lora = self._trained(batch, self.target_layers)
-        loss = self._losses[0](lora, orig, mask, self.target_layers)
-        return loss, losses.mean_cosine(lora, orig, mask, self.target_layers)
+        loss = self._losses[0](lora, orig, mask, self.target_layers, self.target_offsets)
+        return loss, losses.layer_cosines(lora, orig, mask, self.target_layers)
 
     def retain_terms(self, batch, orig=None) -> tuple[torch.Tensor, float]:
         mask = batch["attention_mask"]
@@ -326,6 +343,7 @@ class RRTrainer(ckpt.CheckpointedTraining):
         c_r *= config.retain_weight
         micro = config.grad_accum
         totals = {"rerouting_loss": 0.0, "retain_loss": 0.0, "cb_cos": 0.0, "retain_cos": 0.0}
+        cb_cos_layers = dict.fromkeys(map(str, self.target_layers), 0.0)  # str keys: a JSON log
         tokens = 0
         for k in range(micro):
             size = len(cb_indices) // micro
@@ -344,16 +362,18 @@ class RRTrainer(ckpt.CheckpointedTraining):
             totals["retain_cos"] += cos / micro
             tokens += int(retain_batch["attention_mask"].sum())
             if cb_batch is not None:
-                loss, cos = self.rerouting_terms(cb_batch, orig_cb)
+                loss, per_layer = self.rerouting_terms(cb_batch, orig_cb)
                 self._backward(c_s * loss / micro, last=k == micro - 1)
                 totals["rerouting_loss"] += loss.item() / micro
-                totals["cb_cos"] += cos / micro
+                totals["cb_cos"] += sum(per_layer.values()) / len(per_layer) / micro
+                for layer, cos in per_layer.items():
+                    cb_cos_layers[str(layer)] += cos / micro
                 tokens += int(cb_batch["attention_mask"].sum())
         grad_norm = self._optimizer_step()
         elapsed = time.perf_counter() - started
         if c_s <= 0:
-            totals["rerouting_loss"] = totals["cb_cos"] = None
-        return {"step": step, "c_s": c_s, "c_r": c_r, **totals, "grad_norm": grad_norm,
+            totals["rerouting_loss"] = totals["cb_cos"] = cb_cos_layers = None
+        return {"step": step, "c_s": c_s, "c_r": c_r, **totals, "cb_cos_layers": cb_cos_layers, "grad_norm": grad_norm,
                 "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens / elapsed,
                 "step_time_s": elapsed, **self._checkpointing_record()}
 
@@ -468,12 +488,16 @@ class RRTrainer(ckpt.CheckpointedTraining):
         if not self.dist.active:
             return record
         keys = ("rerouting_loss", "retain_loss", "cb_cos", "retain_cos")
+        layers = list(record["cb_cos_layers"] or {})
         values = [record[k] if record[k] is not None else 0.0 for k in keys] + [record["tokens_per_s"]]
+        values += [record["cb_cos_layers"][layer] for layer in layers]
         summed = self.dist.sum_floats(values, self.device)
         for key, value in zip(keys, summed):
             if record[key] is not None:
                 record[key] = value / self.dist.world
-        record["tokens_per_s"] = summed[-1]
+        record["tokens_per_s"] = summed[len(keys)]
+        for layer, value in zip(layers, summed[len(keys) + 1:]):
+            record["cb_cos_layers"][layer] = value / self.dist.world
         return record
 
     # ------------------------------------------------------------ the loop

@@ -28,6 +28,7 @@ from ..data.schema import DataError, Example
 from ..generation import generate
 from ..judges.base import LABELS
 from ..judges.heuristic import HeuristicJudge, response_nll
+from .stats import mean_interval, wilson_interval
 
 LM_EVAL_TASKS = ("mmlu", "arc_challenge", "hellaswag", "truthfulqa_mc2", "winogrande", "gsm8k")
 
@@ -59,7 +60,8 @@ def answer_agreement(outputs: Sequence[str], references: Sequence[str]) -> dict:
     n = len(outputs)
     exact = sum(re.sub(r"\s+", " ", a).strip() == re.sub(r"\s+", " ", b).strip() for a, b in zip(outputs, references))
     f1 = [token_f1(a, b) for a, b in zip(outputs, references)]
-    return {"exact_match": exact / n if n else None, "token_f1": sum(f1) / n if n else None, "n": n}
+    return {"exact_match": exact / n if n else None, "token_f1": sum(f1) / n if n else None, "n": n,
+            "token_f1_ci95": list(mean_interval(f1)) if n > 1 else None}
 
 
 def heldout_perplexity(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8) -> dict:
@@ -75,8 +77,10 @@ def label_rates(verdicts: Sequence) -> dict:
     counts = Counter(v.label for v in verdicts)
     n = len(verdicts)
     rate = (lambda k: counts.get(k, 0) / n if n else None)
+    not_answered = counts.get("refusal", 0) + counts.get("broken-down", 0)
     return {"refusal_rate": rate("refusal"), "broken_down_rate": rate("broken-down"),
-            "not_answered_rate": (counts.get("refusal", 0) + counts.get("broken-down", 0)) / n if n else None,
+            "not_answered_rate": not_answered / n if n else None,
+            "not_answered_ci95": list(wilson_interval(not_answered, n)) if n else None,
             "n": n, "labels": {label: counts.get(label, 0) for label in LABELS}}
 
 

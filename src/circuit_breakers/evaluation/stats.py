@@ -24,3 +24,14 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     low = 0.0 if successes == 0 else max(0.0, centre - half)
     high = 1.0 if successes == n else min(1.0, centre + half)
     return low, high
+
+
+def mean_interval(values, z: float = Z95) -> tuple[float, float]:
+    """Normal-approximation 95% interval of a mean (e.g. token F1 over prompts); (nan, nan) below 2 values."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n < 2:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n)

@@ -105,10 +105,13 @@ def build_blocks(results: dict) -> list[Block]:
         rows = []
         for model in ("baseline", "model"):
             for kind, rates in over.get(model, {}).items():
+                ci = rates.get("not_answered_ci95")
                 rows.append([plots.MODEL_LABELS.get(model, model), kind, str(rates["n"]), _pct(rates["refusal_rate"]),
-                             _pct(rates["broken_down_rate"]), _pct(rates["not_answered_rate"])])
+                             _pct(rates["broken_down_rate"]), _pct(rates["not_answered_rate"]) +
+                             (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")])
         if rows:
-            blocks.append(Block("table", header=["model", "prompts", "n", "refusal", "broken-down", "not answered"],
+            blocks.append(Block("table", header=["model", "prompts", "n", "refusal", "broken-down",
+                                                 "not answered [Wilson 95% CI]"],
                                 rows=rows))
         png = plots.over_refusal_chart(over)
         if png:
@@ -121,7 +124,9 @@ def build_blocks(results: dict) -> list[Block]:
             rows.append(["agreement with baseline", agree["skipped"]])
         else:
             rows.append(["exact greedy match with baseline (benign test)", _pct(agree.get("exact_match"))])
-            rows.append(["mean token F1 with baseline (benign test)", _num(agree.get("token_f1"))])
+            ci = agree.get("token_f1_ci95")
+            rows.append([f"mean token F1 with baseline (benign test, n={agree.get('n')})", _num(agree.get("token_f1")) +
+                         (f" [{_num(ci[0])}, {_num(ci[1])}]" if ci else "")])
         if "skipped" in ppl:
             rows.append(["held-out benign perplexity", ppl["skipped"]])
         else:
