@@ -64,9 +64,18 @@ def worker(run_dir: Path) -> None:
     train_seconds = time.time() - t0
     torch.save(first_update, run_dir / "first_update.pt")
 
-    trained = trainer.model.merge_and_unload().eval()  # blocks 0..max(target): enough for the target layers
+    trained = trainer.model.merge_and_unload().eval()
+    if trainer.dropped is not None:  # the whole model again, for generation
+        trainer.dropped.reattach(trained, trainer.arch.blocks_path)
     original, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     cosines = heldout_cosines(trained, original, tokenizer, config.target_layers, max_length=config.max_length)
+    capability = None
+    if spec.get("capability"):  # what the demo measures: over-refusal and agreement on the whole test splits
+        from circuit_breakers.evaluation.capability import capability_report
+
+        report = capability_report(trained, tokenizer, original, max_new_tokens=32, batch_size=16)
+        capability = {"over_refusal": report["over_refusal"], "agreement": report["agreement"],
+                      "perplexity": report["perplexity"]}
     log = [{k: r[k] for k in ("step", "rerouting_loss", "retain_loss", "cb_cos", "cb_cos_layers", "retain_cos")}
            for r in result.log]
     fell = {str(layer): next((r["step"] for r in log if r["cb_cos_layers"] and r["cb_cos_layers"][str(layer)]
@@ -74,7 +83,7 @@ def worker(run_dir: Path) -> None:
     run = {"spec": spec, "config": config.to_dict(), "train_seconds": round(train_seconds, 1),
            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "threads": torch.get_num_threads(), "cosine": cosines, "fell_below_0.5_at_step": fell,
-           "verdict": breaker_verdict(cosines), "log": log}
+           "verdict": breaker_verdict(cosines), "capability": capability, "log": log}
     atomic_write_text(run_dir / "run.json", json.dumps(run, indent=1, default=float) + "\n")
 
 
@@ -145,7 +154,8 @@ def sweep(args, overrides: list[str]) -> list[dict]:
     for seed in args.seeds:
         for variant in args.variants:
             run_dir = out / f"seed{seed}-{variant.replace('/', '-t')}"
-            spec = {"config": args.config, "overrides": overrides + [f"seed={seed}"], "seed": seed, "variant": variant}
+            spec = {"config": args.config, "overrides": overrides + [f"seed={seed}"], "seed": seed, "variant": variant,
+                    "capability": args.capability}
             runs.append((run_dir, spec))
             done = run_dir / "run.json"
             if done.is_file() and json.loads(done.read_text())["spec"] == spec:
@@ -199,7 +209,8 @@ def table(results: list[dict], agreement: dict[str, float]) -> str:
     layers = [str(l) for l in results[0]["config"]["target_layers"]]
     head = (["seed", "variant", "steps", "train s"] + [f"harmful L{l}" for l in layers]
             + [f"benign L{l}" for l in layers] + [f"borderline L{l}" for l in layers]
-            + [f"cos<0.5 at L{l}" for l in layers] + ["1st-step signs as variant 1", "verdict"])
+            + [f"cos<0.5 at L{l}" for l in layers] + ["1st-step signs as variant 1"]
+            + (["borderline not answered", "benign token F1"] if results[0].get("capability") else []) + ["verdict"])
     rows = []
     for run in results:
         c, verdict = run["cosine"], run["verdict"]
@@ -209,6 +220,11 @@ def table(results: list[dict], agreement: dict[str, float]) -> str:
             cells += [f"{c[name]['per_layer'][l]['cosine']:+.3f}" for l in layers]
         cells += [str(run["fell_below_0.5_at_step"][l] or "never") for l in layers]
         cells.append(f"{100 * agreement[key]:.1f}%" if key in agreement else "(variant 1)")
+        if run.get("capability"):
+            border = run["capability"]["over_refusal"]["model"]["borderline"]
+            f1 = run["capability"]["agreement"]
+            cells.append(f"{border['not_answered_rate'] * border['n']:.0f}/{border['n']}")
+            cells.append(f"{f1['token_f1']:.3f} (n={f1['n']})")
         cells.append("formed" if verdict["ok"] else "; ".join(verdict["problems"]).replace("|", "/"))
         rows.append(cells)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -237,6 +253,11 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (give each 1 thread)")
     parser.add_argument("--steps", type=int, help="a shorter proxy run (same as steps=N)")
     parser.add_argument("--out", default="runs/robustness")
+    parser.add_argument("--capability", action="store_true",
+                        help="also generate (32 greedy tokens) on the benign and borderline test splits: "
+                             "borderline not answered, benign token F1 with the original (about a minute a run)")
+    parser.add_argument("--differences-only", action="store_true",
+                        help="only compare the variants' hidden states (no training)")
     args, overrides = parser.parse_known_args()
     if args.worker:
         return worker(Path(args.worker))
@@ -254,6 +275,8 @@ def main() -> None:
         variant_env(v)
     differences = variant_differences(args, overrides) if len(args.variants) > 1 else ""
     print(differences, flush=True)
+    if args.differences_only:
+        return
     results = sweep(args, overrides)
     text = differences + "\n\n" + table(results, sign_agreement(Path(args.out), results))
     command = "python benchmarks/recipe_robustness.py " + " ".join(sys.argv[1:])

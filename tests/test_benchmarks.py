@@ -52,3 +52,45 @@ def test_reference_circuit_breaker_padding():
     assert (half, retain_length) == (512, 1024)
     assert all(20 <= x.response_start <= 80 and 150 <= x.length - x.response_start <= 450 for x in cb)
     assert all(100 <= x.length <= 1000 and 0.05 * x.length <= x.response_start <= 0.35 * x.length for x in retain)
+
+
+def test_recipe_robustness_on_a_tiny_model(tmp_path, chat_tokenizer):
+    """Two seeds' worth of runs in fresh processes under two numerical variants; the table has every
+    target layer, and the seeded start makes the first step the same under both variants."""
+    import subprocess
+
+    import yaml
+
+    from .conftest import make_tiny_model
+
+    original = tmp_path / "tiny"
+    make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=3).save_pretrained(original)
+    chat_tokenizer.save_pretrained(original)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(original), "target_layers": [1, 2], "steps": 2, "batch_size": 2,
+                                      "max_length": 96, "lr": 1e-2, "save_every": 0, "seeded_start": "target",
+                                      "retain_distance": "relative_l2", "retain_normalization": "masked_mean"}))
+    out = tmp_path / "runs"
+    script = SCRIPT.parent / "recipe_robustness.py"
+    done = subprocess.run([sys.executable, str(script), "--config", str(recipe), "--seeds", "5",
+                           "--variants", "native/1,avx2/1", "--capability", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "max |difference| of the original model's hidden states from native/1" in done.stdout
+    assert "| harmful L1 | harmful L2 | benign L1 | benign L2 |" in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert [r["spec"]["variant"] for r in runs] == ["native/1", "avx2/1"]
+    for run in runs:
+        assert run["threads"] == 1 and run["config"]["seed"] == 5 and len(run["log"]) == 2
+        assert set(run["cosine"]["harmful"]["per_layer"]) == {"1", "2"}
+        assert set(run["verdict"]["layers"]) == {"1", "2"}
+    assert runs[1]["cpu_capability"] == "AVX2"
+    assert runs[0]["capability"]["over_refusal"]["model"]["borderline"]["n"] == 27  # the whole test split
+    assert "| borderline not answered | benign token F1 |" in done.stdout
+    assert "| 100.0% |" in done.stdout  # the first step's signs agree under both variants
+    # A rerun with the same spec reuses the finished runs.
+    again = subprocess.run([sys.executable, str(script), "--config", str(recipe), "--seeds", "5",
+                            "--variants", "native/1,avx2/1", "--capability", "--out", str(out)],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "start seed" not in again.stdout

@@ -122,7 +122,7 @@ def test_demo_says_plainly_when_the_breaker_did_not_form(tmp_path, chat_tokenize
     original = tmp_path / "original"
     make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=3, seed=0).save_pretrained(original)
     chat_tokenizer.save_pretrained(original)
-    config = RRConfig(model=str(original), target_layers=[1, 2], max_length=128, dtype="float32", device="cpu",
+    config = RRConfig(model=str(original), target_layers=[1, 2], max_length=256, dtype="float32", device="cpu",
                       steps=1, batch_size=2, save_every=0)
     result = demo.run_demo(config, tmp_path / "out", n_prompts=1, max_new_tokens=2, progress=False, evaluate=False)
     verdict = result["breaker"]

@@ -51,7 +51,8 @@ class DemoEvalBudget:
     optimised_behaviors: int = 4  # ... of which the optimisation attacks get the first N
     optimised_attacks: tuple = ("embedding", "embedding_improved", "gcg")
     max_new_tokens: int = 32
-    capability_prompts: int = 8  # benign and borderline test prompts each (over-refusal, benign agreement)
+    # benign and borderline test prompts each (over-refusal, benign agreement); None: the whole test splits
+    capability_prompts: int | None = None
     diagnostics_items: int = 8  # held-out harmful and benign items each (cosine per layer)
     seed: int = 0
     attacks: dict = field(default_factory=lambda: {
@@ -264,7 +265,7 @@ def run_demo_eval(broken, original, tokenizer, out: Path, config: RRConfig, budg
     else:
         results["capability"] = capability_report(
             broken, tokenizer, original, limit=budget.capability_prompts, max_new_tokens=budget.max_new_tokens,
-            batch_size=budget.capability_prompts, progress=progress,
+            batch_size=min(budget.capability_prompts or 16, 16), progress=progress,
             samples_out=eval_dir / "capability_samples.jsonl")
     lap("capability")
     if resume and previous.get("diagnostics"):
