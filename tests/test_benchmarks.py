@@ -68,7 +68,7 @@ def test_recipe_robustness_on_a_tiny_model(tmp_path, chat_tokenizer):
     chat_tokenizer.save_pretrained(original)
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump({"model": str(original), "target_layers": [1, 2], "steps": 2, "batch_size": 2,
-                                      "max_length": 96, "lr": 1e-2, "save_every": 0, "seeded_start": "target",
+                                      "max_length": 256, "lr": 1e-2, "save_every": 0, "seeded_start": "target",
                                       "retain_distance": "relative_l2", "retain_normalization": "masked_mean"}))
     out = tmp_path / "runs"
     script = SCRIPT.parent / "recipe_robustness.py"

@@ -232,7 +232,7 @@ class RRTrainer(ckpt.CheckpointedTraining):
         if config.seeded_start == "lora":
             generator = torch.Generator().manual_seed(config.seed)
             with torch.no_grad():
-                for name, p in sorted(self.model.named_parameters()):
+                for name, p in sorted(self.model.named_parameters(), key=lambda item: item[0]):
                     if "lora_B" in name:
                         p.copy_(torch.randn(p.shape, generator=generator) * config.seeded_start_scale)
         return None
