@@ -144,6 +144,10 @@ def test_demo_report_says_formed_only_when_measured():
     lines = "\n".join(demo.breaker_report(cosines, breaker_verdict(cosines)))
     assert "layer 15: breaker FORMED" in lines and "layer 20: breaker FORMED" in lines
     assert "formed at every target layer" in lines and "NOT" not in lines
+    cosines["borderline"]["mean_cosine"] = 0.8  # formed, but borderline-safe text moved
+    lines = "\n".join(demo.breaker_report(cosines, breaker_verdict(cosines)))
+    assert "borderline: MOVED" in lines and "breaker formed at every target layer, but" in lines
+    assert "NOT a working" not in lines and "try: " in lines
 
 
 def test_trained_with_treats_missing_keys_as_defaults(tmp_path):

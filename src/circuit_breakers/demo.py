@@ -421,9 +421,12 @@ def breaker_report(cosines: dict, verdict: dict) -> list[str]:
             lines.append(f"  {name}: " + ("kept" if kept else "MOVED") + f" ({cosines[name]['mean_cosine']:+.3f})")
     if verdict["ok"]:
         lines.append("  => the circuit breaker formed at every target layer and benign text was kept")
+    elif verdict["formed"]:
+        lines.append("  => the breaker formed at every target layer, but not everything non-harmful was kept: "
+                     + "; ".join(verdict["problems"]) + " (expect over-refusal: see the evaluation below)")
     else:
         lines.append("  => NOT a working circuit breaker as measured: " + "; ".join(verdict["problems"]))
-        lines += [f"     try: {advice}" for advice in verdict["advice"]]
+    lines += [f"     try: {advice}" for advice in verdict["advice"]]
     return lines
 
 
