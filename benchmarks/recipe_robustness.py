@@ -134,6 +134,11 @@ def variant_differences(args, overrides: list[str]) -> str:
 # ---------------------------------------------------------------- the sweep
 
 
+def run_name(seed: int, variant: str) -> str:
+    """The run's directory under OUT: seed42-avx2-t1."""
+    return f"seed{seed}-{variant.replace('/', '-t')}"
+
+
 def variant_env(variant: str) -> dict[str, str]:
     """`CAPABILITY/THREADS`: native (what this CPU picks), avx512, avx2 or default; threads >= 1."""
     capability, _, threads = variant.partition("/")
@@ -153,7 +158,7 @@ def sweep(args, overrides: list[str]) -> list[dict]:
     pending, runs = [], []
     for seed in args.seeds:
         for variant in args.variants:
-            run_dir = out / f"seed{seed}-{variant.replace('/', '-t')}"
+            run_dir = out / run_name(seed, variant)
             spec = {"config": args.config, "overrides": overrides + [f"seed={seed}"], "seed": seed, "variant": variant,
                     "capability": args.capability}
             runs.append((run_dir, spec))
@@ -190,13 +195,10 @@ def sign_agreement(out: Path, results: list[dict]) -> dict[str, float]:
     """Per run: the share of LoRA weights whose first move had the sign of the same seed's first variant."""
     import torch
 
-    def load(run):
-        return torch.load(out / f"seed{run['spec']['seed']}-{run['spec']['variant'].replace('/', '-t')}"
-                          / "first_update.pt", weights_only=True)
     agreement, reference = {}, {}
     for run in results:
         seed = run["spec"]["seed"]
-        signs = load(run)
+        signs = torch.load(out / run_name(seed, run["spec"]["variant"]) / "first_update.pt", weights_only=True)
         if seed not in reference:
             reference[seed] = signs
             continue
