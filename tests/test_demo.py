@@ -67,8 +67,15 @@ def test_demo_runs_the_evaluation_end_to_end(demo_dirs, tmp_path, monkeypatch, c
     labels = _labels(tmp_path / "labels.jsonl")
     monkeypatch.setattr(demo, "DEMO_EVAL", TINY_BUDGET)
     monkeypatch.setattr(demo, "hand_labels_for", lambda model: labels)
-    result = demo.run_demo(config, out, n_prompts=2, max_new_tokens=4, progress=False)
+    result = demo.run_demo(config, out, n_prompts=2, max_new_tokens=4, progress=False, judge_agreement=True)
     assert result["reused_training"] is True
+    # The side-by-side is the evaluation's own output: direct requests and benign prompts, both models.
+    evaluated = [json.loads(line) for line in (out / "eval" / "samples.jsonl").read_text().splitlines()]
+    direct_after = {r["prompt"]: r["output"] for r in evaluated if r["attack"] == "direct" and r["model"] == "model"}
+    assert [s["set"] for s in result["samples"]] == ["harmful", "harmful", "benign", "benign"]
+    for s in result["samples"][:2]:
+        assert s["circuit_broken"]["output"] == direct_after[s["request"]]
+    assert sum(result["labels"]["benign/original"].values()) == 2
 
     results = json.loads((out / "eval" / "results.json").read_text())
     assert set(results["asr"]) == {"model", "baseline"}
@@ -115,6 +122,16 @@ def test_demo_no_eval(demo_dirs, monkeypatch):
     monkeypatch.setattr(demo, "run_demo_eval", lambda *a, **k: pytest.fail("evaluation ran with evaluate=False"))
     result = demo.run_demo(config, out, n_prompts=1, max_new_tokens=2, progress=False, evaluate=False)
     assert result["eval"] == {"skipped": "--no-eval"}
+    assert [s["set"] for s in result["samples"]] == ["harmful", "benign"]  # generated for the side-by-side
+    assert set(result["samples"][0]) == {"set", "request", "original", "circuit_broken"}
+
+
+def test_demo_skips_judge_agreement_unless_asked(demo_dirs, monkeypatch):
+    config, out = demo_dirs
+    monkeypatch.setattr(demo, "DEMO_EVAL", TINY_BUDGET)
+    result = demo.run_demo(config, out, n_prompts=1, max_new_tokens=2, progress=False)
+    assert "judge-agreement" in result["eval"]["judge_agreement"]["skipped"]
+    assert make_parser().parse_args(["demo", "--judge-agreement"]).judge_agreement is True
 
 
 def test_demo_says_plainly_when_the_breaker_did_not_form(tmp_path, chat_tokenizer, capsys):

@@ -123,6 +123,8 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-eval", action="store_true",
                       help="skip the evaluation (attacks, over-refusal, report in OUT/eval): "
                            "training and comparison only")
+    demo.add_argument("--judge-agreement", action="store_true",
+                      help="also measure the judges against the shipped hand labels (about 45 s on 2 cores)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     for _, module in _subcommand_modules():
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
             config = RRConfig.load(recipe_path(args.config), args.overrides)
-            run_demo(config, args.out, retrain=args.retrain, evaluate=not args.no_eval)
+            run_demo(config, args.out, retrain=args.retrain, evaluate=not args.no_eval,
+                     judge_agreement=args.judge_agreement)
             return 0
         for command, module in _subcommand_modules():
             if args.command == command:

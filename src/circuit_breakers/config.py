@@ -37,8 +37,8 @@ class RRConfig:
     dtype: str = _field("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
     device: str = _field("auto", "auto, cpu, cuda, cuda:1, ...")
     # ---- data
-    circuit_breaker_data: list[str] = _field(["builtin"], "circuit-breaker sets: builtin or file/dataset specs")
-    retain_data: list[str] = _field(["builtin"], "retain sets: builtin or file/dataset specs")
+    circuit_breaker_data: list[str] = _field(["builtin"], "circuit-breaker sets: builtin, builtin:NAME or file/dataset specs")
+    retain_data: list[str] = _field(["builtin"], "retain sets: builtin, builtin:NAME (again to weight it up) or file/dataset specs")
     response_field: str | None = _field(None, "take responses from this field (e.g. llama3_output)")
     max_length: int = _field(1024, "longest tokenised item (prompt + response)")
     truncation: str = _field("response", "response: cut long responses at max_length; error: reject them")

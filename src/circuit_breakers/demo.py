@@ -7,13 +7,15 @@
    the self-check: did the breaker form at every target layer (harmful cosine <= 0.2) while benign
    text was kept (`evaluation.diagnostics.breaker_verdict`)? Where it did not, the demo says so.
 3. Greedy outputs of both models side by side on held-out harmful and benign prompts, labelled by
-   the heuristic judge.
+   the heuristic judge: the evaluation's own direct-request and benign outputs (with `--no-eval`,
+   generated for the side-by-side alone).
 4. Unless `evaluate=False` (`--no-eval`): the evaluation of both models (original = "before",
    circuit-broken = "after") on the built-in harmful test split under direct request, prefilling,
    jailbreak templates (first `DEMO_EVAL.behaviors` behaviours), both input-embedding attacks and GCG
    (first `DEMO_EVAL.optimised_behaviors`) at the small budgets of `DEMO_EVAL`, heuristic judge;
    over-refusal and benign agreement on the benign and borderline test prompts; representation
-   diagnostics; the judges' agreement with the shipped hand labels when there are some. Written to
+   diagnostics; with `--judge-agreement`, the judges' agreement with the shipped hand labels (the
+   same for every trained model, so not part of every run). Written to
    OUT/eval/ (results.json, samples.jsonl, report.md, report.html); a rerun with the same model and
    budget resumes there.
 5. Everything to OUT/demo.json, and a compact table of the evaluation at the end.
@@ -102,7 +104,7 @@ def _trained_with(out: Path, config: RRConfig) -> bool:
 
 def run_demo(config: RRConfig, out_dir: str | Path = "runs/demo", *, retrain: bool = False, n_prompts: int = 8,
              max_new_tokens: int = 64, progress: bool = True, evaluate: bool = True,
-             eval_budget: DemoEvalBudget | None = None) -> dict:
+             eval_budget: DemoEvalBudget | None = None, judge_agreement: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
 
     from .training import RRTrainer
@@ -125,9 +127,31 @@ def run_demo(config: RRConfig, out_dir: str | Path = "runs/demo", *, retrain: bo
 
     # Representations on the held-out test items (responses written by the original model): did it form?
     cosines = heldout_cosines(broken, original, tokenizer, config.target_layers, max_length=config.max_length)
-    verdict = breaker_verdict(cosines)
+    result = {
+        "model": config.model, "config": config.to_dict(), "reused_training": reused,
+        "train_seconds": train_seconds, "total_seconds": round(time.time() - started, 1),
+        "target_layers": config.target_layers, "cosine": cosines, "breaker": breaker_verdict(cosines),
+        "eval": {"skipped": "--no-eval"} if not evaluate else None,
+    }
+    # Written before the evaluation too, so an interrupted evaluation leaves the training's results.
+    atomic_write_text(out / "demo.json", json.dumps(result, indent=2) + "\n")
+    if evaluate:
+        result["eval"] = run_demo_eval(broken, original, tokenizer, out, config, eval_budget or DEMO_EVAL,
+                                       fresh_model=not reused, progress=progress, labels=judge_agreement)
+        # The side-by-side outputs are the evaluation's own: direct requests and benign test prompts.
+        samples = _evaluated_samples(out / "eval", n_prompts)
+        result["max_new_tokens"] = (eval_budget or DEMO_EVAL).max_new_tokens
+    else:
+        samples = _side_by_side(original, broken, tokenizer, n_prompts, max_new_tokens)
+        result["max_new_tokens"] = max_new_tokens
+    result.update(labels=_summary(samples), samples=samples, total_seconds=round(time.time() - started, 1))
+    atomic_write_text(out / "demo.json", json.dumps(result, indent=2) + "\n")
+    print(report(result))
+    return result
 
-    # Side-by-side greedy outputs on held-out prompts.
+
+def _side_by_side(original, broken, tokenizer, n_prompts: int, max_new_tokens: int) -> list[dict]:
+    """Greedy outputs of both models on the first held-out harmful and benign prompts, judged."""
     judge = HeuristicJudge()
     samples = []
     for name, harmful in (("harmful", True), ("benign", False)):
@@ -137,30 +161,30 @@ def run_demo(config: RRConfig, out_dir: str | Path = "runs/demo", *, retrain: bo
         for label, model in (("original", original), ("circuit_broken", broken)):
             texts = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=n_prompts)
             ppl = output_perplexities(original, tokenizer, conversations, texts)
-            outputs[label] = [(t, judge.judge(t, harmful_prompt=harmful, perplexity=p)) for t, p in zip(texts, ppl)]
-        for i, prompt in enumerate(prompts):
-            samples.append({"set": name, "request": prompt.request, **{
-                label: {"output": outputs[label][i][0], "label": outputs[label][i][1].label,
-                        "reason": outputs[label][i][1].reason}
-                for label in outputs}})
+            verdicts = [judge.judge(t, harmful_prompt=harmful, perplexity=p) for t, p in zip(texts, ppl)]
+            outputs[label] = [{"output": t, "label": v.label, "reason": v.reason} for t, v in zip(texts, verdicts)]
+        samples += [{"set": name, "request": prompt.request, **{label: outputs[label][i] for label in outputs}}
+                    for i, prompt in enumerate(prompts)]
+    return samples
 
-    summary = _summary(samples)
-    result = {
-        "model": config.model, "config": config.to_dict(), "reused_training": reused,
-        "train_seconds": train_seconds, "total_seconds": round(time.time() - started, 1),
-        "max_new_tokens": max_new_tokens, "target_layers": config.target_layers,
-        "cosine": cosines, "breaker": verdict, "labels": summary, "samples": samples,
-        "eval": {"skipped": "--no-eval"} if not evaluate else None,
-    }
-    # Written before the evaluation too, so an interrupted evaluation leaves the training's results.
-    atomic_write_text(out / "demo.json", json.dumps(result, indent=2) + "\n")
-    if evaluate:
-        result["eval"] = run_demo_eval(broken, original, tokenizer, out, config, eval_budget or DEMO_EVAL,
-                                       fresh_model=not reused, progress=progress)
-        result["total_seconds"] = round(time.time() - started, 1)
-        atomic_write_text(out / "demo.json", json.dumps(result, indent=2) + "\n")
-    print(report(result))
-    return result
+
+def _evaluated_samples(eval_dir: Path, n_prompts: int) -> list[dict]:
+    """The first `n_prompts` direct-request and benign outputs of the evaluation, original beside broken."""
+    from .data.loaders import read_jsonl
+
+    pairs: dict[tuple[str, str], dict] = {}
+    for row in read_jsonl(eval_dir / "samples.jsonl"):
+        if row["attack"] == "direct" and row["sample_index"] == 0:
+            side = "original" if row["model"] == "baseline" else "circuit_broken"
+            pairs.setdefault(("harmful", row["behavior_id"]), {"set": "harmful", "request": row["prompt"]})[side] = {
+                "output": row["output"], "label": row["label"], "reason": row["reason"]}
+    for row in read_jsonl(eval_dir / "capability_samples.jsonl"):
+        if row["prompt_kind"] == "benign":
+            side = "original" if row["model"] == "before" else "circuit_broken"
+            pairs.setdefault(("benign", row["id"]), {"set": "benign", "request": row["prompt"]})[side] = {
+                "output": row["output"], "label": row["heuristic_label"], "reason": row["heuristic_reason"]}
+    complete = [s for s in pairs.values() if "original" in s and "circuit_broken" in s]
+    return [s for name in ("harmful", "benign") for s in [s for s in complete if s["set"] == name][:n_prompts]]
 
 
 # ---------------------------------------------------------------- the evaluation stage
@@ -277,7 +301,9 @@ def run_demo_eval(broken, original, tokenizer, out: Path, config: RRConfig, budg
     lap("diagnostics")
     if labels_path is None:
         results["judge_agreement_skipped"] = (f"no hand labels shipped for {config.model} "
-                                              f"({HAND_LABELS_DIR}/<model>.jsonl)" if labels is True else "not asked")
+                                              f"({HAND_LABELS_DIR}/<model>.jsonl)" if labels is True else
+                                              "not asked: `circuit-breakers eval judge-agreement`, or "
+                                              "`demo --judge-agreement`")
     elif same and previous.get("judge_agreement"):
         results["judge_agreement"] = previous["judge_agreement"]
         results["judge_agreement_labels"] = previous.get("judge_agreement_labels", str(labels_path))

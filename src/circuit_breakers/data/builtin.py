@@ -23,6 +23,7 @@ PROMPTS_DIR = Path(__file__).parent / "builtin"
 GENERATED_DIR = Path(__file__).parent / "generated"
 BUILTIN_MODEL = "smollm2-135m"
 PROMPT_SETS = ("harmful", "benign", "borderline")
+GENERATED_SETS = ("harmful", "benign", "borderline", "refusal")
 SPLIT_SEED = 1234
 TEST_FRACTION = 0.2
 
@@ -76,6 +77,8 @@ def load_training_sets(cb_specs: list[str], retain_specs: list[str], *, seed: in
                        ) -> tuple[list[Example], list[Example]]:
     """(circuit-breaker examples, retain examples) from config specs; `builtin` = the shipped sets.
 
+    `builtin:NAME` is one shipped train set (harmful, benign, borderline or refusal).
+
     With `refusals`, every circuit-breaker request also enters the retain set answered by one of
     the project's refusal styles, so refusing stays a retained behaviour (paper, Llama-3 recipe).
     """
@@ -85,6 +88,13 @@ def load_training_sets(cb_specs: list[str], retain_specs: list[str], *, seed: in
             if spec == "builtin":
                 for name in builtin_names:
                     examples.extend(generated_set(name, "train"))
+            elif spec.startswith("builtin:"):
+                # One shipped set by name; listing it again beside "builtin" weights it up.
+                name = spec.removeprefix("builtin:")
+                if name not in GENERATED_SETS:
+                    raise DataError(f"data spec {spec!r}: built-in sets are "
+                                    f"{', '.join('builtin:' + n for n in GENERATED_SETS)}")
+                examples.extend(generated_set(name, "train"))
             else:
                 examples.extend(load_examples(spec, response_field=response_field))
         return examples
