@@ -126,11 +126,13 @@ def run_demo(config: RRConfig, out_dir: str | Path = "runs/demo", *, retrain: bo
     broken = AutoModelForCausalLM.from_pretrained(out / "model", dtype=original.dtype).to(original.device).eval()
 
     # Representations on the held-out test items (responses written by the original model): did it form?
+    t0 = time.time()
     cosines = heldout_cosines(broken, original, tokenizer, config.target_layers, max_length=config.max_length)
+    cosine_seconds = round(time.time() - t0, 1)
     result = {
         "model": config.model, "config": config.to_dict(), "reused_training": reused,
-        "train_seconds": train_seconds, "total_seconds": round(time.time() - started, 1),
-        "target_layers": config.target_layers, "cosine": cosines, "breaker": breaker_verdict(cosines),
+        "train_seconds": train_seconds, "cosine_seconds": cosine_seconds,
+        "total_seconds": round(time.time() - started, 1), "target_layers": config.target_layers, "cosine": cosines, "breaker": breaker_verdict(cosines),
         "eval": {"skipped": "--no-eval"} if not evaluate else None,
     }
     # Written before the evaluation too, so an interrupted evaluation leaves the training's results.
@@ -474,6 +476,7 @@ def report(result: dict) -> str:
             lines.append(f"{left[i] if i < len(left) else '':<{width}} | {right[i] if i < len(right) else ''}")
     if isinstance(result.get("eval"), dict) and "asr" in result["eval"]:
         lines.append(eval_report(result["eval"]))
-    lines.append(f"\ntotal {result['total_seconds']} s (training {result['train_seconds']} s); "
-                 f"written to demo.json")
+    evaluation = result["eval"].get("seconds") if isinstance(result.get("eval"), dict) else None
+    lines.append(f"\ntotal {result['total_seconds']} s (training {result['train_seconds']} s, held-out cosines "
+                 f"{result.get('cosine_seconds')} s, evaluation {evaluation} s); written to demo.json")
     return "\n".join(lines)
