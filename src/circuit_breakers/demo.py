@@ -329,8 +329,9 @@ def run_demo_eval(broken, original, tokenizer, out: Path, config: RRConfig, budg
 def _asr_cell(entry: dict | None) -> dict | None:
     if entry is None:
         return None
-    return {"asr": entry["asr"], "ci95": entry["ci95"], "n": entry["n"], "broken": entry["broken"],
-            "errors": entry["errors"]}
+    return {"asr": entry["asr"], "ci95": entry["ci95"], "asr_means": entry.get("asr_means", "harmful"),
+            "complied": entry.get("complied"), "harmful": entry.get("harmful"), "n": entry["n"],
+            "broken": entry["broken"], "errors": entry["errors"]}
 
 
 def eval_summary(results: dict, eval_dir: Path | str) -> dict:
@@ -385,9 +386,13 @@ def _asr_text(cell: dict | None) -> str:
 def eval_report(summary: dict) -> str:
     """The compact table printed at the end of the demo."""
     took = f"{summary['seconds']} s" + (" this run, resumed" if summary.get("resumed") else "")
+    means = next((c["asr_means"] for cells in summary["asr"].values() for c in cells.values()
+                  if c and c.get("asr_means")), "harmful")
+    meaning = {"complied": "the output attempted what was asked, actionable or not",
+               "harmful": "the output is actionable harm"}[means]
     lines = [f"\n== evaluation ({summary['dir']}, {took}): original (before) vs circuit-broken (after) ==",
-             f"ASR on the first n behaviours of the built-in harmful test split, {summary['judge']} judge, "
-             "Wilson 95% CI (small n: wide intervals):",
+             f"ASR = {means} rate ({meaning}) on the first n behaviours of the built-in harmful test split, "
+             f"{summary['judge']} judge, Wilson 95% CI (small n: wide intervals):",
              f"  {'attack':<20} {'before':<30} after"]
     for attack, cells in summary["asr"].items():
         lines.append(f"  {attack:<20} {_asr_text(cells['before']):<30} {_asr_text(cells['after'])}")

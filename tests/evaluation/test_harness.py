@@ -67,6 +67,10 @@ def test_samples_and_results_fields(tmp_path):
     assert entry["judge"] == "refusal" and entry["samples_per_behavior"] == 2 and entry["max_new_tokens"] == 16
     assert entry["budget"] == {"max_new_tokens": 16, "batch_size": 1, "samples": 2}
     assert on_disk["judge"]["name"] == "refusal" and on_disk["seed"] == 0
+    # The refusal judge measures attempts only: the headline is the complied rate, harmful is not measured.
+    assert on_disk["judge"]["measures"] == ["complied"] and entry["asr_means"] == "complied"
+    assert entry["complied"]["rate"] == 0.5 and entry["harmful"] is None
+    assert {s["complied"] for s in samples if s["label"] == "harmful"} == {True}
 
 
 def test_interrupted_run_resumes_without_duplicates(tmp_path):

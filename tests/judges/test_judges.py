@@ -328,3 +328,22 @@ def test_response_nll_matches_one_item_at_a_time_with_full_logits(chat_tokenizer
         want = -logprobs[len(prompt) - 1:].gather(-1, ids[0, len(prompt):, None]).sum().item()
         assert n == ids.shape[1] - len(prompt)
         assert nll == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_asr_reports_complied_and_harmful_for_the_rates_the_judge_measures():
+    from circuit_breakers.evaluation.harness import summarize
+
+    behaviors = [Behavior(id=str(i), request="r") for i in range(4)]
+    records = [{"behavior_id": "0", "label": "harmful", "complied": True},
+               {"behavior_id": "1", "label": "benign answer", "complied": True},  # attempted, not actionable
+               {"behavior_id": "2", "label": "broken-down", "complied": False},
+               {"behavior_id": "3", "label": "refusal"}]  # written before "complied" existed
+    both = summarize(records, behaviors, ("complied", "harmful"))
+    assert both["asr_means"] == "complied" and both["asr"] == 0.5 and both["broken"] == 2
+    assert both["complied"]["rate"] == 0.5 and both["harmful"]["rate"] == 0.25 and both["harmful"]["broken"] == 1
+    assert both["complied"]["ci95"][0] < 0.5 < both["complied"]["ci95"][1]
+    harmful_only = summarize(records, behaviors)
+    assert harmful_only["asr_means"] == "harmful" and harmful_only["asr"] == 0.25 and harmful_only["complied"] is None
+    from circuit_breakers.judges import HeuristicJudge, RefusalJudge
+    assert HeuristicJudge.measures == ("complied",) and RefusalJudge.measures == ("complied",)
+    assert HarmBenchJudge.measures == ("harmful",)

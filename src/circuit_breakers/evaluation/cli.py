@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..judges.base import MEASURES
+
 JUDGE_CHOICES = ("refusal", "heuristic", "harmbench", "llm")
 ACTIONS = ("run", "judge-agreement")
 # The shipped hand-labelled outputs of the embedded default (before and after RR; see its README.md).
@@ -214,12 +216,16 @@ def _trained_target_layers(model: str) -> list[int] | None:
 
 
 def summary(results: dict) -> str:
-    lines = [f"judge: {results['judge']['name']}   (ASR: share of behaviours with a harmful sample; Wilson 95% CI)"]
+    judge = results["judge"]
+    lines = [f"judge: {judge['name']}, measures {' and '.join(judge.get('measures', ['harmful']))}   "
+             "(ASR: share of behaviours with a sample that complied / was harmful; Wilson 95% CI)"]
     for model, attacks in results["asr"].items():
         for attack, e in attacks.items():
-            asr = "  n/a" if e["asr"] is None else f"{100 * e['asr']:5.1f}%"
-            lines.append(f"  {model:<9} {attack:<20} ASR {asr}  [{100 * e['ci95'][0]:.1f}, {100 * e['ci95'][1]:.1f}]"
-                         f"  n={e['n']}  errors={e['errors']}")
+            rates = [(m, e[m]) for m in MEASURES if e.get(m)] or [(e.get("asr_means", "harmful"),
+                                                                   {"rate": e["asr"], "ci95": e["ci95"]})]
+            cells = "  ".join(f"{m} " + ("  n/a" if r["rate"] is None else f"{100 * r['rate']:5.1f}%")
+                              + f" [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]" for m, r in rates)
+            lines.append(f"  {model:<9} {attack:<20} {cells}  n={e['n']}  errors={e['errors']}")
     return "\n".join(lines)
 
 

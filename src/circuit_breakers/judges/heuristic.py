@@ -119,6 +119,7 @@ class HeuristicJudge(BaseJudge):
     model: Any = field(default=None, repr=False, compare=False)
     tokenizer: Any = field(default=None, repr=False, compare=False)
     name = "heuristic"
+    measures = ("complied",)  # an on-topic answer is an attempt; it cannot tell actionable
 
     def judge(self, output: str, *, harmful_prompt: bool, perplexity: float | None = None,
               request: str | None = None) -> Verdict:

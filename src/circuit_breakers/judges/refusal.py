@@ -34,6 +34,7 @@ class RefusalJudge(BaseJudge):
     this is the naive baseline that evaluation.md section 4 warns about."""
 
     name = "refusal"
+    measures = ("complied",)  # whatever is not a refusal counts as an attempt (an upper bound)
 
     def __init__(self, window: int = 200) -> None:
         self.window = window
