@@ -73,7 +73,8 @@ def worker(run_dir: Path) -> None:
     if spec.get("capability"):  # what the demo measures: over-refusal and agreement on the whole test splits
         from circuit_breakers.evaluation.capability import capability_report
 
-        report = capability_report(trained, tokenizer, original, max_new_tokens=32, batch_size=16)
+        report = capability_report(trained, tokenizer, original, max_new_tokens=32, batch_size=16,
+                                   samples_out=run_dir / "capability_samples.jsonl")
         capability = {"over_refusal": report["over_refusal"], "agreement": report["agreement"],
                       "perplexity": report["perplexity"]}
     log = [{k: r[k] for k in ("step", "rerouting_loss", "retain_loss", "cb_cos", "cb_cos_layers", "retain_cos")}
@@ -84,6 +85,10 @@ def worker(run_dir: Path) -> None:
            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "threads": torch.get_num_threads(), "cosine": cosines, "fell_below_0.5_at_step": fell,
            "verdict": breaker_verdict(cosines), "capability": capability, "log": log}
+    if spec.get("keep_model"):  # e.g. to attack it later: circuit-breakers eval --model RUN/model
+        trained.save_pretrained(run_dir / "model")
+        tokenizer.save_pretrained(run_dir / "model")
+        config.save(run_dir / "config.yaml")
     atomic_write_text(run_dir / "run.json", json.dumps(run, indent=1, default=float) + "\n")
 
 
@@ -160,7 +165,7 @@ def sweep(args, overrides: list[str]) -> list[dict]:
         for variant in args.variants:
             run_dir = out / run_name(seed, variant)
             spec = {"config": args.config, "overrides": overrides + [f"seed={seed}"], "seed": seed, "variant": variant,
-                    "capability": args.capability}
+                    "capability": args.capability, **({"keep_model": True} if args.keep_models else {})}
             runs.append((run_dir, spec))
             done = run_dir / "run.json"
             if done.is_file() and json.loads(done.read_text())["spec"] == spec:
@@ -258,6 +263,8 @@ def main() -> None:
     parser.add_argument("--capability", action="store_true",
                         help="also generate (32 greedy tokens) on the benign and borderline test splits: "
                              "borderline not answered, benign token F1 with the original (about a minute a run)")
+    parser.add_argument("--keep-models", action="store_true",
+                        help="save each run's circuit-broken model in OUT/RUN/model (about 0.5 GB each)")
     parser.add_argument("--differences-only", action="store_true",
                         help="only compare the variants' hidden states (no training)")
     args, overrides = parser.parse_known_args()

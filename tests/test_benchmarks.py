@@ -94,3 +94,5 @@ def test_recipe_robustness_on_a_tiny_model(tmp_path, chat_tokenizer):
                             "--variants", "native/1,avx2/1", "--capability", "--out", str(out)],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "start seed" not in again.stdout
+    assert (out / "seed5-native-t1" / "capability_samples.jsonl").is_file()  # raw material for hand labels
+    assert not (out / "seed5-native-t1" / "model").exists()  # models are kept only when asked
