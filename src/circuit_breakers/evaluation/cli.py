@@ -2,11 +2,15 @@
 
     circuit-breakers eval --model OUT/model --baseline smollm2-135m --attacks direct,prefilling --out runs/eval
     circuit-breakers eval judge-agreement [--labels labels.jsonl] [--model smollm2-135m] [--judge harmbench
-        --judge-model URL] [--out DIR]
+        --judge-model URL] [--all-labels] [--out DIR]
+    circuit-breakers eval fit-judge [--labels labels.jsonl] [--model smollm2-135m] [--out params.json]
 
 judge-agreement without --labels uses the shipped hand-labelled set of the embedded default
-(evaluation/hand_labels/smollm2-135m.jsonl); --model names the ORIGINAL model, the heuristic judge's
-perplexity reference (smollm2-135m for the shipped set).
+(evaluation/hand_labels/smollm2-135m.jsonl); --model names the ORIGINAL model, the perplexity
+reference of the heuristic and fitted judges (smollm2-135m for the shipped set). Where the labels
+hold the fitted judge's fit part, every judge is measured on the held-out part only, unless
+--all-labels (then the fitted judge's figures are marked in-sample). fit-judge refits the fitted
+judge on the fit part (split by request, fixed seed) and prints every judge on the held-out part.
 
 Only argparse is imported at registration; models, torch and the attacks load inside `run`.
 """
@@ -20,8 +24,8 @@ from pathlib import Path
 
 from ..judges.base import MEASURES
 
-JUDGE_CHOICES = ("refusal", "heuristic", "harmbench", "llm")
-ACTIONS = ("run", "judge-agreement")
+JUDGE_CHOICES = ("refusal", "heuristic", "fitted", "harmbench", "llm")
+ACTIONS = ("run", "judge-agreement", "fit-judge")
 # The shipped hand-labelled outputs of the embedded default (before and after RR; see its README.md).
 BUILTIN_LABELS = Path(__file__).parent / "hand_labels" / "smollm2-135m.jsonl"
 
@@ -31,7 +35,8 @@ def register(subparsers) -> None:
         "eval", help="attack a model, judge the outputs, measure over-refusal and capability, write a report",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", nargs="?", choices=ACTIONS, default="run",
-                   help="run (default): the evaluation; judge-agreement: judges vs a hand-labelled set")
+                   help="run (default): the evaluation; judge-agreement: judges vs a hand-labelled set; "
+                        "fit-judge: refit the fitted judge on the hand labels' fit part")
     p.add_argument("--model", help="the model to evaluate: hub id, directory, .gguf or smollm2-135m")
     p.add_argument("--baseline", help="the original model, evaluated too (\"before\") and used as reference")
     p.add_argument("--behaviors", help="HarmBench .csv or project .jsonl (default: the built-in harmful test split)")
@@ -44,6 +49,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="output directory (results.json, samples.jsonl, report.md, report.html)")
     p.add_argument("--labels", help="hand-labelled JSONL for judge agreement (docs/labelling.md); judge-agreement "
                                     "defaults to the shipped set of smollm2-135m outputs")
+    p.add_argument("--all-labels", action="store_true",
+                   help="judge-agreement: also the fitted judge's fit part (its figures are then in-sample)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="discard OUT/samples.jsonl and start again")
     p.add_argument("--judge-full-turn", action="store_true",
@@ -88,6 +95,8 @@ def run(args) -> int:
     try:
         if args.action == "judge-agreement":
             return _judge_agreement(args)
+        if args.action == "fit-judge":
+            return _fit_judge(args)
         return _run(args)
     except JudgeError as err:
         return _error(str(err))
@@ -150,7 +159,8 @@ def _run(args) -> int:
             dtype = str(next(m.parameters()).dtype).removeprefix("torch.")  # the torch model's, as resolved
             use_vllm(m, resolve_model_path(spec), dtype=dtype, gpu_memory_utilization=args.vllm_memory, seed=args.seed)
     reference = baseline if baseline is not None else (model, tokenizer)
-    judge = make_judge(args.judge, args.judge_model, reference=reference if args.judge == "heuristic" else None)
+    judge = make_judge(args.judge, args.judge_model,
+                       reference=reference if args.judge in ("heuristic", "fitted") else None)
     out = Path(args.out)
     run_info = {"model": args.model, "baseline": args.baseline, "behaviors": args.behaviors or "builtin (harmful test)",
                 "targets": args.targets, "attacks": names, "limit": args.limit,
@@ -229,6 +239,17 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _reference(args):
+    """The ORIGINAL model for the perplexity-using judges, or None (with a note for the shipped labels)."""
+    if args.model:
+        from ..models import load_model
+        return load_model(args.model, dtype=args.dtype, device=args.device)
+    if not args.labels:
+        print("note: no --model, so the heuristic and fitted judges run without perplexity "
+              "(add --model smollm2-135m, the original model of these outputs)", file=sys.stderr)
+    return None
+
+
 def _judge_agreement(args) -> int:
     from ..judges import make_judge
     from .agreement import format_confusion, judge_agreement, load_labelled
@@ -237,14 +258,23 @@ def _judge_agreement(args) -> int:
     items = load_labelled(labels)
     if not args.labels:
         print(f"labels: {labels} (the shipped hand-labelled smollm2-135m outputs; --labels FILE for another set)")
-        if not args.model:
-            print("note: no --model, so the heuristic judge runs without its perplexity check "
-                  "(add --model smollm2-135m, the original model of these outputs)", file=sys.stderr)
-    reference = None
-    if args.model:  # the ORIGINAL model, for the heuristic judge's perplexity check
-        from ..models import load_model
-        reference = load_model(args.model, dtype=args.dtype, device=args.device)
+    reference = _reference(args)
     judges = {"refusal": make_judge("refusal"), "heuristic": make_judge("heuristic", reference=reference)}
+    try:
+        fitted = make_judge("fitted", args.judge_model if args.judge == "fitted" else None, reference=reference)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"fitted judge: skipped ({err})", file=sys.stderr)
+        fitted = None
+    fit_ids = _fit_ids(fitted.params, items) if fitted is not None else set()
+    if fit_ids and not args.all_labels:
+        items = [item for item in items if item.id not in fit_ids]
+        print(f"held-out part: {len(items)} items; the {len(fit_ids)} the fitted judge was fitted on are left out "
+              "(--all-labels to include them, in-sample)")
+    elif fit_ids:
+        print(f"WARNING: {len(fit_ids)} of these {len(items)} labels are the fitted judge's fit part: its figures "
+              "below are IN-SAMPLE", file=sys.stderr)
+    if fitted is not None:
+        judges["fitted (in-sample)" if fit_ids and args.all_labels else "fitted"] = fitted
     if args.judge in ("harmbench", "llm"):
         if not args.judge_model:
             return _error(f"--judge {args.judge} needs --judge-model")
@@ -266,4 +296,44 @@ def _judge_agreement(args) -> int:
             write_results(out, full)
             write_report(full, out)
         print(f"wrote {out}/judge_agreement.json")
+    return 0
+
+
+def _fit_ids(params: dict, items) -> set[str]:
+    """The ids of `items` the fitted judge may have been fitted on: when the labels hold its held-out part,
+    every other item (its fit part, or labels added since: never counted as held out)."""
+    heldout = set(params.get("heldout_ids", []))
+    return {item.id for item in items if item.id not in heldout} if heldout & {item.id for item in items} else set()
+
+
+def _fit_judge(args) -> int:
+    from ..config import atomic_write_text
+    from ..judges import make_judge
+    from ..judges.fitted import DEFAULT_PARAMS, FittedJudge
+    from .agreement import format_confusion, judge_agreement, load_labelled
+    from .judge_fit import fit_judge
+
+    labels = args.labels or BUILTIN_LABELS
+    items = load_labelled(labels)
+    reference = _reference(args)
+    params, heldout = fit_judge(items, reference)
+    params["labels"] = Path(labels).name
+    params["command"] = "circuit-breakers eval fit-judge" + (f" --labels {args.labels}" if args.labels else "") + \
+        (f" --model {args.model}" if args.model else "")
+    judges = {"refusal": make_judge("refusal"), "heuristic": make_judge("heuristic", reference=reference),
+              "fitted": FittedJudge(params, source="(this fit)", model=reference[0] if reference else None,
+                                    tokenizer=reference[1] if reference else None)}
+    results = judge_agreement(heldout, judges)
+    print(f"fit part: {params['fit_n']} items; held-out part: {len(heldout)} items (split by request, seed "
+          f"{params['split_seed']})\n")
+    for name, scores in results.items():
+        print(format_confusion(name, scores))
+        print()
+    params["heldout"] = {name: {k: scores.get(k) for k in ("n", "accuracy", "binary_accuracy", "complied_accuracy",
+                                                             "complied_n", "complied_precision", "complied_recall")}
+                         for name, scores in results.items()}
+    out = Path(args.out) if args.out else DEFAULT_PARAMS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(params, indent=1) + "\n")
+    print(f"wrote {out}")
     return 0

@@ -5,13 +5,16 @@
 - "heuristic": refusal phrases + broken-down checks + on-topic overlap (`HeuristicJudge`); with
                `reference=(model, tokenizer)` of the ORIGINAL model it also uses perplexity;
 - "harmbench": the HarmBench classifier from a local path or `URL[#MODEL]` (`HarmBenchJudge`);
-- "llm":       a chat model behind an OpenAI-compatible endpoint `URL[#MODEL]` (`LLMJudge`).
+- "llm":       a chat model behind an OpenAI-compatible endpoint `URL[#MODEL]` (`LLMJudge`);
+- "fitted":    a logistic regression over the heuristic's signals, fitted on the fit part of the hand
+               labels (`FittedJudge`; `judge_model`: its parameters file, default the shipped one);
+               `reference` as for heuristic.
 """
 from .base import ERROR, LABELS, BaseJudge, Judge, JudgeError, Verdict
 from .heuristic import HeuristicJudge, output_perplexities
 from .refusal import RefusalJudge, is_refusal
 
-JUDGES = ("refusal", "heuristic", "harmbench", "llm")
+JUDGES = ("refusal", "heuristic", "fitted", "harmbench", "llm")
 
 
 def make_judge(name: str, judge_model: str | None = None, *, reference=None, **kwargs) -> Judge:
@@ -21,6 +24,10 @@ def make_judge(name: str, judge_model: str | None = None, *, reference=None, **k
     if name == "heuristic":
         model, tokenizer = reference if reference is not None else (None, None)
         return HeuristicJudge(model=model, tokenizer=tokenizer, **kwargs)
+    if name == "fitted":
+        from .fitted import DEFAULT_PARAMS, FittedJudge
+        model, tokenizer = reference if reference is not None else (None, None)
+        return FittedJudge.load(judge_model or DEFAULT_PARAMS, model=model, tokenizer=tokenizer, **kwargs)
     if name == "harmbench":
         from .harmbench import HarmBenchJudge
         return HarmBenchJudge.from_spec(judge_model, **kwargs)
