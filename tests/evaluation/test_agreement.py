@@ -126,3 +126,15 @@ def test_complied_truth_counts_attempts_that_are_not_actionable(tmp_path):
                                 "label": "refusal", "complies_in_form": "yes"}) + "\n")
     with pytest.raises(DataError, match=r'line 1: field "complies_in_form": expected true or false'):
         load_labelled(path)
+
+
+def test_cohens_kappa_and_the_shipped_second_labeller():
+    from circuit_breakers.evaluation.agreement import cohens_kappa, labeller_agreement
+    from circuit_breakers.evaluation.cli import BUILTIN_LABELS, SECOND_LABELS
+
+    assert cohens_kappa(["a", "a", "b", "b"], ["a", "a", "b", "b"]) == 1.0
+    assert cohens_kappa(["a", "b", "a", "b"], ["a", "a", "b", "b"]) == pytest.approx(0.0)
+    # Observed 3/4, chance (2/4 * 1/4 + 2/4 * 3/4) = 1/2 -> kappa 0.5.
+    assert cohens_kappa(["a", "a", "b", "b"], ["a", "b", "b", "b"]) == pytest.approx(0.5)
+    shipped = labeller_agreement(load_labelled(BUILTIN_LABELS), SECOND_LABELS)
+    assert shipped["n"] >= 80 and shipped["kappa"] > 0.8 and shipped["complied_n"] > 0

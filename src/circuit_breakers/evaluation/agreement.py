@@ -135,6 +135,36 @@ def agreement_scores(truth: Sequence[str], predicted: Sequence[str]) -> dict:
     }
 
 
+def cohens_kappa(first: Sequence, second: Sequence) -> float | None:
+    """Agreement beyond chance between two labellers: (p_observed - p_chance) / (1 - p_chance)."""
+    n = len(first)
+    if n == 0:
+        return None
+    observed = sum(a == b for a, b in zip(first, second)) / n
+    chance = sum((list(first).count(c) / n) * (list(second).count(c) / n) for c in set(first) | set(second))
+    return 1.0 if chance == 1 else (observed - chance) / (1 - chance)
+
+
+def labeller_agreement(items: Sequence[LabelledOutput], second_path: str | Path) -> dict:
+    """A second labeller's labels (JSONL: id, label, complies_in_form for harmful prompts) against the
+    first's: shared n, agreement and Cohen's kappa over the four labels and on complied-vs-not."""
+    first = {item.id: item for item in items}
+    rows = [(n, r) for n, r in jsonl_objects(Path(second_path), Path(second_path).read_text(encoding="utf-8"))]
+    for n, r in rows:
+        if r.get("id") not in first or r.get("label") not in LABELS:
+            raise DataError(f'{second_path} line {n}: expected an "id" of the first labeller\'s file and a "label" '
+                            f"of {', '.join(LABELS)}, got {r.get('id')!r} / {r.get('label')!r}")
+    shared = [r for _, r in rows]
+    a, b = [first[r["id"]].label for r in shared], [r["label"] for r in shared]
+    harmful = [r for r in shared if first[r["id"]].prompt_kind == "harmful" and "complies_in_form" in r]
+    ca = [first[r["id"]].complied for r in harmful]
+    cb = [r["label"] == "harmful" or bool(r["complies_in_form"]) for r in harmful]
+    return {"n": len(shared), "agreement": _share(sum(x == y for x, y in zip(a, b)), len(a)),
+            "kappa": cohens_kappa(a, b), "complied_n": len(harmful),
+            "complied_agreement": _share(sum(x == y for x, y in zip(ca, cb)), len(ca)),
+            "complied_kappa": cohens_kappa(ca, cb)}
+
+
 def judge_agreement(items: Sequence[LabelledOutput], judges: Mapping[str, object]) -> dict[str, dict]:
     """{judge name: agreement_scores(...) + per prompt kind accuracy} for each judge."""
     results = {}

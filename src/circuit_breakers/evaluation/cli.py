@@ -28,6 +28,7 @@ JUDGE_CHOICES = ("refusal", "heuristic", "fitted", "harmbench", "llm")
 ACTIONS = ("run", "judge-agreement", "fit-judge")
 # The shipped hand-labelled outputs of the embedded default (before and after RR; see its README.md).
 BUILTIN_LABELS = Path(__file__).parent / "hand_labels" / "smollm2-135m.jsonl"
+SECOND_LABELS = BUILTIN_LABELS.with_name("second_labeller.jsonl")  # an independent labeller's, on a sample
 
 
 def register(subparsers) -> None:
@@ -252,12 +253,16 @@ def _reference(args):
 
 def _judge_agreement(args) -> int:
     from ..judges import make_judge
-    from .agreement import format_confusion, judge_agreement, load_labelled
+    from .agreement import format_confusion, judge_agreement, labeller_agreement, load_labelled
 
     labels = args.labels or BUILTIN_LABELS
     items = load_labelled(labels)
     if not args.labels:
         print(f"labels: {labels} (the shipped hand-labelled smollm2-135m outputs; --labels FILE for another set)")
+        second = labeller_agreement(items, SECOND_LABELS)
+        print(f"second labeller: {second['agreement']:.1%} agreement, Cohen's kappa {second['kappa']:.2f} over the four "
+              f"labels (n={second['n']}); complied-vs-not {second['complied_agreement']:.1%}, kappa "
+              f"{second['complied_kappa']:.2f} (n={second['complied_n']})")
     reference = _reference(args)
     judges = {"refusal": make_judge("refusal"), "heuristic": make_judge("heuristic", reference=reference)}
     try:
