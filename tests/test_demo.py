@@ -87,7 +87,8 @@ def test_demo_runs_the_evaluation_end_to_end(demo_dirs, tmp_path, monkeypatch, c
     assert results["asr"]["model"]["direct"]["max_new_tokens"] == 4
     assert results["capability"]["over_refusal"]["model"]["borderline"]["n"] == 2
     assert results["diagnostics"]["target_layers"] == [1, 2]
-    assert set(results["judge_agreement"]) == {"refusal", "heuristic"}
+    assert set(results["judge_agreement"]) == {"refusal", "heuristic", "fitted"}  # the demo judges with "fitted"
+    assert results["judge"]["name"] == "fitted" and results["asr"]["model"]["direct"]["asr_means"] == "complied"
     for name in ("samples.jsonl", "report.md", "report.html"):
         assert (out / "eval" / name).is_file()
 

@@ -35,7 +35,7 @@ from .config import RRConfig, atomic_write_text, read_yaml
 from .data.builtin import generated_set
 from .evaluation.diagnostics import breaker_verdict, heldout_cosines
 from .generation import generate
-from .judges.heuristic import HeuristicJudge, output_perplexities
+from .judges.heuristic import output_perplexities
 from .models import load_model
 
 
@@ -53,6 +53,8 @@ class DemoEvalBudget:
     optimised_behaviors: int = 4  # ... of which the optimisation attacks get the first N
     optimised_attacks: tuple = ("embedding", "embedding_improved", "gcg")
     max_new_tokens: int = 32
+    # The judge of every label (attacks, over-refusal, side-by-side); "fitted": fitted on the shipped hand labels.
+    judge: str = "fitted"
     # benign and borderline test prompts each (over-refusal, benign agreement); None: the whole test splits
     capability_prompts: int | None = None
     diagnostics_items: int = 8  # held-out harmful and benign items each (cosine per layer)
@@ -144,17 +146,20 @@ def run_demo(config: RRConfig, out_dir: str | Path = "runs/demo", *, retrain: bo
         samples = _evaluated_samples(out / "eval", n_prompts)
         result["max_new_tokens"] = (eval_budget or DEMO_EVAL).max_new_tokens
     else:
-        samples = _side_by_side(original, broken, tokenizer, n_prompts, max_new_tokens)
+        samples = _side_by_side(original, broken, tokenizer, n_prompts, max_new_tokens, (eval_budget or DEMO_EVAL).judge)
         result["max_new_tokens"] = max_new_tokens
-    result.update(labels=_summary(samples), samples=samples, total_seconds=round(time.time() - started, 1))
+    result.update(judge=(eval_budget or DEMO_EVAL).judge, labels=_summary(samples), samples=samples,
+                  total_seconds=round(time.time() - started, 1))
     atomic_write_text(out / "demo.json", json.dumps(result, indent=2) + "\n")
     print(report(result))
     return result
 
 
-def _side_by_side(original, broken, tokenizer, n_prompts: int, max_new_tokens: int) -> list[dict]:
+def _side_by_side(original, broken, tokenizer, n_prompts: int, max_new_tokens: int, judge_name: str) -> list[dict]:
     """Greedy outputs of both models on the first held-out harmful and benign prompts, judged."""
-    judge = HeuristicJudge()
+    from .judges import make_judge
+
+    judge = make_judge(judge_name)
     samples = []
     for name, harmful in (("harmful", True), ("benign", False)):
         prompts = generated_set(name, "test")[:n_prompts]
@@ -163,7 +168,7 @@ def _side_by_side(original, broken, tokenizer, n_prompts: int, max_new_tokens: i
         for label, model in (("original", original), ("circuit_broken", broken)):
             texts = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=n_prompts)
             ppl = output_perplexities(original, tokenizer, conversations, texts)
-            verdicts = [judge.judge(t, harmful_prompt=harmful, perplexity=p) for t, p in zip(texts, ppl)]
+            verdicts = judge.label_batch([p.request for p in prompts], texts, harmful_prompt=harmful, perplexities=ppl)
             outputs[label] = [{"output": t, "label": v.label, "reason": v.reason} for t, v in zip(texts, verdicts)]
         samples += [{"set": name, "request": prompt.request, **{label: outputs[label][i] for label in outputs}}
                     for i, prompt in enumerate(prompts)]
@@ -184,7 +189,8 @@ def _evaluated_samples(eval_dir: Path, n_prompts: int) -> list[dict]:
         if row["prompt_kind"] == "benign":
             side = "original" if row["model"] == "before" else "circuit_broken"
             pairs.setdefault(("benign", row["id"]), {"set": "benign", "request": row["prompt"]})[side] = {
-                "output": row["output"], "label": row["heuristic_label"], "reason": row["heuristic_reason"]}
+                "output": row["output"], "label": row.get("judge_label", row.get("heuristic_label")),
+                "reason": row.get("judge_reason", row.get("heuristic_reason"))}
     complete = [s for s in pairs.values() if "original" in s and "circuit_broken" in s]
     return [s for name in ("harmful", "benign") for s in [s for s in complete if s["set"] == name][:n_prompts]]
 
@@ -248,7 +254,7 @@ def run_demo_eval(broken, original, tokenizer, out: Path, config: RRConfig, budg
         attacks.append(make_attack(name, **options))
     behaviors = load_behaviors(None, limit=budget.behaviors)
     few = behaviors[:budget.optimised_behaviors]
-    judge = make_judge("heuristic", reference=(original, tokenizer))
+    judge = make_judge(budget.judge, reference=(original, tokenizer))
     run_info = {"model": str(out / "model"), "baseline": config.model,
                 "behaviors": f"builtin (harmful test split): the first {len(behaviors)}, the first {len(few)} "
                              f"for {', '.join(a.name for a in attacks if a.name in budget.optimised_attacks)}",
@@ -290,7 +296,7 @@ def run_demo_eval(broken, original, tokenizer, out: Path, config: RRConfig, budg
         results["capability"] = previous["capability"]
     else:
         results["capability"] = capability_report(
-            broken, tokenizer, original, limit=budget.capability_prompts, max_new_tokens=budget.max_new_tokens,
+            broken, tokenizer, original, judge=judge, limit=budget.capability_prompts, max_new_tokens=budget.max_new_tokens,
             batch_size=min(budget.capability_prompts or 16, 16), progress=progress,
             samples_out=eval_dir / "capability_samples.jsonl")
     lap("capability")
@@ -311,9 +317,14 @@ def run_demo_eval(broken, original, tokenizer, out: Path, config: RRConfig, budg
         results["judge_agreement_labels"] = previous.get("judge_agreement_labels", str(labels_path))
     else:
         from .evaluation.agreement import judge_agreement, load_labelled
+        from .evaluation.judge_fit import fitted_on
 
-        judges = {"refusal": make_judge("refusal"), "heuristic": judge}
-        results["judge_agreement"] = judge_agreement(load_labelled(labels_path), judges)
+        judges = {"refusal": make_judge("refusal"), "heuristic": make_judge("heuristic", reference=(original, tokenizer)),
+                  judge.name: judge}
+        items = load_labelled(labels_path)
+        fit_ids = fitted_on(judge.params, items) if hasattr(judge, "params") else set()
+        results["judge_agreement"] = judge_agreement([i for i in items if i.id not in fit_ids], judges)
+        results["judge_agreement_heldout_only"] = bool(fit_ids)
         results["judge_agreement_labels"] = str(labels_path)
     lap("judge_agreement")
     results["demo_state"] = state
@@ -344,6 +355,7 @@ def eval_summary(results: dict, eval_dir: Path | str) -> dict:
         "dir": str(eval_dir), "seconds": results.get("seconds"), "stage_seconds": results.get("demo_seconds"),
         "resumed": results.get("demo_resumed", False),
         "judge": results.get("judge", {}).get("name"),
+        "judge_heldout": (results.get("judge", {}).get("heldout") or {}).get(results.get("judge", {}).get("name")),
         "behaviors": results.get("behaviors", {}).get("n"),
         "behaviors_per_attack": results.get("behaviors", {}).get("per_attack"),
         "budget": (results.get("demo_state") or {}).get("budget"),
@@ -412,6 +424,11 @@ def eval_report(summary: dict) -> str:
         lines.append(f"benign agreement with the original (greedy): exact match {_pct(agree['exact_match']).strip()}, "
                      f"token F1 {agree['token_f1']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
                      + f" (n={agree['n']})")
+    own = summary.get("judge_heldout")
+    if own:
+        lines.append(f"judge {summary['judge']}: held-out agreement with hand labels it was never fitted on "
+                     f"{_pct(own.get('complied_accuracy')).strip()} complied-vs-not (n={own.get('complied_n')}), "
+                     f"{_pct(own.get('accuracy')).strip()} over 4 labels (n={own.get('n')})")
     judges = summary.get("judge_agreement") or {}
     if "skipped" in judges:
         lines.append(f"judge agreement with hand labels: skipped ({judges['skipped']})")
@@ -467,7 +484,7 @@ def report(result: dict) -> str:
     width = 58
     lines = [f"\n== circuit-breakers demo: {result['model']} =="]
     lines += breaker_report(result["cosine"], result["breaker"])
-    lines.append("heuristic-judge labels of greedy outputs on held-out prompts:")
+    lines.append(f"{result.get('judge', 'heuristic')}-judge labels of greedy outputs on held-out prompts:")
     for key, counts in result["labels"].items():
         lines.append(f"  {key:<26} " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     for s in result["samples"]:

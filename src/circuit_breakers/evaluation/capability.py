@@ -109,19 +109,20 @@ def _load_prompts(name: str, limit: int | None) -> list[Example]:
 def capability_report(model, tokenizer, baseline=None, *, limit: int | None = None, max_new_tokens: int = 64,
                       batch_size: int = 16, progress: bool = False, model_dir: str | None = None,
                       baseline_dir: str | None = None, lm_eval_tasks: Sequence[str] | None = None,
-                      samples_out: str | Path | None = None) -> dict:
+                      samples_out: str | Path | None = None, judge=None) -> dict:
     """Agreement with the baseline, held-out perplexity, over-refusal, and lm-eval when available.
 
     `baseline` is the original model (same tokenizer) or None. `samples_out`, when given, receives
     every generated answer as JSONL (prompt, prompt_kind, model before|after, output, label), the
-    raw material for the hand-labelled judge-agreement set.
+    raw material for the hand-labelled judge-agreement set. `judge` labels the answers (default: the
+    heuristic judge with the baseline, else the model, as perplexity reference).
     """
     from ..data.loaders import write_jsonl
 
     models: list[tuple[str, Any]] = [("model", model)] + ([("baseline", baseline)] if baseline is not None else [])
     reference = baseline if baseline is not None else model
-    judge = HeuristicJudge(model=reference, tokenizer=tokenizer)
-    report: dict[str, Any] = {"max_new_tokens": max_new_tokens, "limit": limit,
+    judge = judge if judge is not None else HeuristicJudge(model=reference, tokenizer=tokenizer)
+    report: dict[str, Any] = {"max_new_tokens": max_new_tokens, "limit": limit, "judge": judge.name,
                               "perplexity_reference": "baseline" if baseline is not None else "model"}
     answers: dict[str, dict[str, list[str]]] = {name: {} for name, _ in models}
     prompts = {kind: _load_prompts(kind, limit) for kind in ("benign", "borderline")}
@@ -140,7 +141,7 @@ def capability_report(model, tokenizer, baseline=None, *, limit: int | None = No
                 samples.append({"id": f"{kind}-{(e.source or '').rsplit(':', 1)[-1]}", "prompt": e.request,
                                 "prompt_kind": kind, "attack": "direct",
                                 "model": "after" if name == "model" else "before", "output": o,
-                                "heuristic_label": v.label, "heuristic_reason": v.reason})
+                                "judge": judge.name, "judge_label": v.label, "judge_reason": v.reason})
     report["over_refusal"] = over_refusal
     if baseline is not None:
         report["agreement"] = answer_agreement(answers["model"]["benign"], answers["baseline"]["benign"])

@@ -254,6 +254,7 @@ def _reference(args):
 def _judge_agreement(args) -> int:
     from ..judges import make_judge
     from .agreement import format_confusion, judge_agreement, labeller_agreement, load_labelled
+    from .judge_fit import fitted_on
 
     labels = args.labels or BUILTIN_LABELS
     items = load_labelled(labels)
@@ -270,7 +271,7 @@ def _judge_agreement(args) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"fitted judge: skipped ({err})", file=sys.stderr)
         fitted = None
-    fit_ids = _fit_ids(fitted.params, items) if fitted is not None else set()
+    fit_ids = fitted_on(fitted.params, items) if fitted is not None else set()
     if fit_ids and not args.all_labels:
         items = [item for item in items if item.id not in fit_ids]
         print(f"held-out part: {len(items)} items; the {len(fit_ids)} the fitted judge was fitted on are left out "
@@ -302,13 +303,6 @@ def _judge_agreement(args) -> int:
             write_report(full, out)
         print(f"wrote {out}/judge_agreement.json")
     return 0
-
-
-def _fit_ids(params: dict, items) -> set[str]:
-    """The ids of `items` the fitted judge may have been fitted on: when the labels hold its held-out part,
-    every other item (its fit part, or labels added since: never counted as held out)."""
-    heldout = set(params.get("heldout_ids", []))
-    return {item.id for item in items if item.id not in heldout} if heldout & {item.id for item in items} else set()
 
 
 def _fit_judge(args) -> int:

@@ -71,3 +71,10 @@ def fit_judge(items: Sequence[LabelledOutput], reference=None, *, seed: int = SP
                   heldout_ids=sorted(item.id for item in heldout), labels_digest=ids_digest(items),
                   perplexity=reference is not None)
     return params, heldout
+
+
+def fitted_on(params: dict, items: Sequence[LabelledOutput]) -> set[str]:
+    """The ids of `items` a fitted judge may have been fitted on: when the labels hold its held-out part,
+    every other item (its fit part, or labels added since: never counted as held out)."""
+    heldout = set(params.get("heldout_ids", []))
+    return {item.id for item in items if item.id not in heldout} if heldout & {item.id for item in items} else set()

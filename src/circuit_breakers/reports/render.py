@@ -59,6 +59,16 @@ def _num(value, fmt: str = "{:.3f}") -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
+def _heldout_text(judge: dict) -> str:
+    """The judge's own held-out agreement (a fitted judge records it), or where to measure it."""
+    own = (judge.get("heldout") or {}).get(judge.get("name"))
+    if not own:
+        return "Judge not validated against hand labels in this run (see docs/labelling.md)."
+    return (f"Held-out agreement with hand labels it was never fitted on: {_pct(own.get('complied_accuracy'))} "
+            f"complied-vs-not (n={own.get('complied_n')}), {_pct(own.get('accuracy'))} over 4 labels "
+            f"(n={own.get('n')}).")
+
+
 def build_blocks(results: dict) -> list[Block]:
     blocks: list[Block] = []
     spec = results.get("run", {})
@@ -74,7 +84,7 @@ def build_blocks(results: dict) -> list[Block]:
              + (f"Agreement with hand labels: {_pct(validated['accuracy'])} over 4 labels, "
                 f"{_pct(validated['binary_accuracy'])} harmful-vs-not, "
                 f"{_pct(validated.get('complied_accuracy'))} complied-vs-not (n={validated['n']})."
-                if validated else "Judge not validated against hand labels in this run (see docs/labelling.md).")]
+                if validated else _heldout_text(judge))]
     blocks.append(Block("p", "\n\n".join(lines)))
 
     asr = results.get("asr", {})
