@@ -266,11 +266,14 @@ def _judge_agreement(args) -> int:
               f"{second['complied_kappa']:.2f} (n={second['complied_n']})")
     reference = _reference(args)
     judges = {"refusal": make_judge("refusal"), "heuristic": make_judge("heuristic", reference=reference)}
-    try:
-        fitted = make_judge("fitted", args.judge_model if args.judge == "fitted" else None, reference=reference)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"fitted judge: skipped ({err})", file=sys.stderr)
-        fitted = None
+    fitted = None
+    if reference is None:
+        print("fitted judge: skipped (it needs the original model for perplexity: --model)", file=sys.stderr)
+    else:
+        try:
+            fitted = make_judge("fitted", args.judge_model if args.judge == "fitted" else None, reference=reference)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"fitted judge: skipped ({err})", file=sys.stderr)
     fit_ids = fitted_on(fitted.params, items) if fitted is not None else set()
     if fit_ids and not args.all_labels:
         items = [item for item in items if item.id not in fit_ids]
@@ -314,14 +317,15 @@ def _fit_judge(args) -> int:
 
     labels = args.labels or BUILTIN_LABELS
     items = load_labelled(labels)
+    if not args.model:
+        return _error("fit-judge needs --model: the original model of the labelled outputs (perplexity)")
     reference = _reference(args)
     params, heldout = fit_judge(items, reference)
     params["labels"] = Path(labels).name
     params["command"] = "circuit-breakers eval fit-judge" + (f" --labels {args.labels}" if args.labels else "") + \
         (f" --model {args.model}" if args.model else "")
     judges = {"refusal": make_judge("refusal"), "heuristic": make_judge("heuristic", reference=reference),
-              "fitted": FittedJudge(params, source="(this fit)", model=reference[0] if reference else None,
-                                    tokenizer=reference[1] if reference else None)}
+              "fitted": FittedJudge(params, source="(this fit)", model=reference[0], tokenizer=reference[1])}
     results = judge_agreement(heldout, judges)
     print(f"fit part: {params['fit_n']} items; held-out part: {len(heldout)} items (split by request, seed "
           f"{params['split_seed']})\n")

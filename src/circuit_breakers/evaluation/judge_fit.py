@@ -45,15 +45,13 @@ def ids_digest(items: Sequence[LabelledOutput]) -> str:
     return hashlib.sha256("\n".join(sorted(item.id for item in items)).encode()).hexdigest()[:16]
 
 
-def item_features(items: Sequence[LabelledOutput], perplexities: Sequence[float | None]) -> list[list[float]]:
+def item_features(items: Sequence[LabelledOutput], perplexities: Sequence[float]) -> list[list[float]]:
     return [features(item.prompt, item.output, harmful_prompt=item.prompt_kind == "harmful", perplexity=p)
             for item, p in zip(items, perplexities)]
 
 
-def perplexities_of(items: Sequence[LabelledOutput], reference) -> list[float | None]:
-    """Each output's perplexity under the ORIGINAL model (`reference` = (model, tokenizer)), or None."""
-    if reference is None:
-        return [None] * len(items)
+def perplexities_of(items: Sequence[LabelledOutput], reference) -> list[float]:
+    """Each output's perplexity under the ORIGINAL model (`reference` = (model, tokenizer))."""
     from ..judges.heuristic import output_perplexities
 
     model, tokenizer = reference
@@ -61,15 +59,22 @@ def perplexities_of(items: Sequence[LabelledOutput], reference) -> list[float | 
     return output_perplexities(model, tokenizer, conversations, [item.output for item in items])
 
 
-def fit_judge(items: Sequence[LabelledOutput], reference=None, *, seed: int = SPLIT_SEED,
-              heldout_fraction: float = HELDOUT_FRACTION, l2: float = 1e-2) -> tuple[dict, list[LabelledOutput]]:
-    """(parameters, held-out items): fitted on the fit part only; the parameters record the split."""
+def fit_judge(items: Sequence[LabelledOutput], reference=None, *, perplexities: dict[str, float] | None = None,
+              seed: int = SPLIT_SEED, heldout_fraction: float = HELDOUT_FRACTION,
+              l2: float = 1e-2) -> tuple[dict, list[LabelledOutput]]:
+    """(parameters, held-out items): fitted on the fit part only; the parameters record the split.
+    Perplexities come from `reference` = (original model, tokenizer), or `perplexities` by item id."""
     fit_part, heldout = split_by_request(items, seed=seed, heldout_fraction=heldout_fraction)
-    rows = item_features(fit_part, perplexities_of(fit_part, reference))
+    if perplexities is None:
+        if reference is None:
+            raise ValueError("fitting the judge needs the original model (--model) for the outputs' perplexity")
+        perplexities = dict(zip((item.id for item in fit_part), perplexities_of(fit_part, reference)))
+    rows = item_features(fit_part, [perplexities[item.id] for item in fit_part])
     params = fit(rows, [class_of(item.label, item.complies_in_form) for item in fit_part], l2=l2)
     params.update(split_seed=seed, heldout_fraction=heldout_fraction, fit_n=len(fit_part),
                   heldout_ids=sorted(item.id for item in heldout), labels_digest=ids_digest(items),
-                  perplexity=reference is not None)
+                  perplexity_model=getattr(getattr(reference[0], "config", None), "_name_or_path", None)
+                  if reference is not None else "given")
     return params, heldout
 
 
