@@ -34,6 +34,7 @@ from pathlib import Path
 from .config import RRConfig, atomic_write_text, read_yaml
 from .data.builtin import generated_set
 from .evaluation.diagnostics import breaker_verdict, heldout_cosines
+from .evaluation.stats import rate_of, rate_text
 from .generation import generate
 from .judges.heuristic import output_perplexities
 from .models import load_model
@@ -388,13 +389,6 @@ def _pct(value) -> str:
     return "  n/a" if value is None else f"{100 * value:5.1f}%"
 
 
-def _asr_text(cell: dict | None) -> str:
-    if not cell or cell["asr"] is None:
-        return "n/a"
-    low, high = cell["ci95"]
-    return f"{_pct(cell['asr'])} [{100 * low:4.1f}, {100 * high:5.1f}] n={cell['n']}"
-
-
 def eval_report(summary: dict) -> str:
     """The compact table printed at the end of the demo."""
     took = f"{summary['seconds']} s" + (" this run, resumed" if summary.get("resumed") else "")
@@ -407,7 +401,8 @@ def eval_report(summary: dict) -> str:
              f"{summary['judge']} judge, Wilson 95% CI (small n: wide intervals):",
              f"  {'attack':<20} {'before':<30} after"]
     for attack, cells in summary["asr"].items():
-        lines.append(f"  {attack:<20} {_asr_text(cells['before']):<30} {_asr_text(cells['after'])}")
+        before, after = (rate_text(cells[w] and rate_of(cells[w]), cells[w] and cells[w]["n"]) for w in ("before", "after"))
+        lines.append(f"  {attack:<20} {before:<30} {after}")
     over = summary.get("over_refusal", {})
     if over:
         lines.append("not answered (refusal + broken-down) on non-harmful test prompts, before -> after:")

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from ..judges.base import MEASURES
+from .stats import rate_of, rate_text
 
 JUDGE_CHOICES = ("refusal", "heuristic", "fitted", "harmbench", "llm")
 ACTIONS = ("run", "judge-agreement", "fit-judge")
@@ -232,10 +233,8 @@ def summary(results: dict) -> str:
              "(ASR: share of behaviours with a sample that complied / was harmful; Wilson 95% CI)"]
     for model, attacks in results["asr"].items():
         for attack, e in attacks.items():
-            rates = [(m, e[m]) for m in MEASURES if e.get(m)] or [(e.get("asr_means", "harmful"),
-                                                                   {"rate": e["asr"], "ci95": e["ci95"]})]
-            cells = "  ".join(f"{m} " + ("  n/a" if r["rate"] is None else f"{100 * r['rate']:5.1f}%")
-                              + f" [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]" for m, r in rates)
+            measured = [m for m in MEASURES if rate_of(e, m)] or [e.get("asr_means", "harmful")]
+            cells = "  ".join(f"{m} {rate_text(rate_of(e, m) or rate_of(e))}" for m in measured)
             lines.append(f"  {model:<9} {attack:<20} {cells}  n={e['n']}  errors={e['errors']}")
     return "\n".join(lines)
 

@@ -35,3 +35,23 @@ def mean_interval(values, z: float = Z95) -> tuple[float, float]:
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     return mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n)
+
+
+def rate_of(entry: dict, measure: str | None = None) -> dict | None:
+    """{"rate", "ci95"} of an ASR entry: its headline (`asr`), or one measure ("complied", "harmful") when
+    the entry has it; None where the judge did not measure it. Entries written before the two rates
+    existed have only the headline, which was the harmful label's rate."""
+    headline = {"rate": entry.get("asr"), "ci95": entry.get("ci95")}
+    if measure is None:
+        return headline
+    if measure not in entry:
+        return headline if measure == "harmful" else None
+    return entry[measure]
+
+
+def rate_text(cell: dict | None, n: int | None = None) -> str:
+    """ "12.5% [3.5, 36.0]" (+ " n=8"): a rate with its 95% interval, "n/a" when there is none."""
+    if not cell or cell.get("rate") is None:
+        return "n/a"
+    low, high = cell["ci95"]
+    return f"{100 * cell['rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]" + (f" n={n}" if n is not None else "")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import atomic_write_text
+from ..evaluation.stats import rate_of, rate_text
 from ..judges.base import MEASURES
 from . import plots
 
@@ -32,17 +33,6 @@ class Block:
 
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def _ci(entry: dict, measure: str | None = None) -> str:
-    """An ASR cell: the headline, or one measure ("complied", "harmful") when the entry has it."""
-    cell = entry.get(measure) if measure else {"rate": entry.get("asr"), "ci95": entry.get("ci95")}
-    if measure and measure not in entry:  # results written before the two rates existed
-        cell = {"rate": entry.get("asr"), "ci95": entry.get("ci95")} if measure == "harmful" else None
-    if not cell or cell.get("rate") is None:
-        return "n/a"
-    low, high = cell["ci95"]
-    return f"{100 * cell['rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def _budget(budget: dict, limit: int = 6) -> str:
@@ -109,7 +99,7 @@ def build_blocks(results: dict) -> list[Block]:
                              if checked else " (not validated)")
         row = [attack, judge_cell, str(entry.get("n")), _budget(entry.get("budget", {})),
                str(entry.get("samples_per_behavior")), str(entry.get("max_new_tokens") or "-")]
-        row += [_ci(asr[m][attack], measure) if attack in asr[m] else "-"
+        row += [rate_text(rate_of(asr[m][attack], measure)) if attack in asr[m] else "-"
                 for measure in measures for m in ("baseline", "model") if m in asr]
         row += [", ".join(f"{m}: {asr[m][attack]['errors']}" for m in asr if attack in asr[m])]
         rows.append(row)
