@@ -79,8 +79,10 @@ def test_demo_runs_the_evaluation_end_to_end(demo_dirs, tmp_path, monkeypatch, c
 
     results = json.loads((out / "eval" / "results.json").read_text())
     assert set(results["asr"]) == {"model", "baseline"}
+    # The optimisation attacks run on the circuit-broken model only (the original complies already).
+    assert set(results["asr"]["model"]) == set(TINY_BUDGET.attacks)
+    assert set(results["asr"]["baseline"]) == set(TINY_BUDGET.attacks) - set(TINY_BUDGET.optimised_attacks)
     for model in ("model", "baseline"):
-        assert set(results["asr"][model]) == set(TINY_BUDGET.attacks)
         for attack, e in results["asr"][model].items():
             assert e["n"] + e["errors"] == (2 if attack in TINY_BUDGET.optimised_attacks else 3), attack
     assert results["asr"]["model"]["gcg"]["budget"]["num_steps"] == 2
@@ -95,9 +97,9 @@ def test_demo_runs_the_evaluation_end_to_end(demo_dirs, tmp_path, monkeypatch, c
     saved = json.loads((out / "demo.json").read_text())
     summary = saved["eval"]
     assert set(summary["asr"]) == set(TINY_BUDGET.attacks)
-    for cells in summary["asr"].values():
-        for when in ("before", "after"):
-            assert set(cells[when]) >= {"asr", "ci95", "n"}
+    for attack, cells in summary["asr"].items():
+        assert set(cells["after"]) >= {"asr", "ci95", "n", "complied"}
+        assert (cells["before"] is None) == (attack in TINY_BUDGET.optimised_attacks)
     assert set(summary["over_refusal"]) == {"before", "after"}
     assert summary["benign_agreement"]["n"] == 2 and summary["resumed"] is False
     assert summary["judge_agreement"]["refusal"]["n"] == 2

@@ -7,17 +7,17 @@
    the self-check: did the breaker form at every target layer (harmful cosine <= 0.2) while benign
    text was kept (`evaluation.diagnostics.breaker_verdict`)? Where it did not, the demo says so.
 3. Greedy outputs of both models side by side on held-out harmful and benign prompts, labelled by
-   the heuristic judge: the evaluation's own direct-request and benign outputs (with `--no-eval`,
+   the demo's judge: the evaluation's own direct-request and benign outputs (with `--no-eval`,
    generated for the side-by-side alone).
 4. Unless `evaluate=False` (`--no-eval`): the evaluation of both models (original = "before",
    circuit-broken = "after") on the built-in harmful test split under direct request, prefilling,
-   jailbreak templates (first `DEMO_EVAL.behaviors` behaviours), both input-embedding attacks and GCG
-   (first `DEMO_EVAL.optimised_behaviors`) at the small budgets of `DEMO_EVAL`, heuristic judge;
-   over-refusal and benign agreement on the benign and borderline test prompts; representation
-   diagnostics; with `--judge-agreement`, the judges' agreement with the shipped hand labels (the
-   same for every trained model, so not part of every run). Written to
-   OUT/eval/ (results.json, samples.jsonl, report.md, report.html); a rerun with the same model and
-   budget resumes there.
+   jailbreak templates (first `DEMO_EVAL.behaviors` behaviours), and of the circuit-broken model
+   under both input-embedding attacks and GCG (first `DEMO_EVAL.optimised_behaviors`), at the small
+   budgets of `DEMO_EVAL`, by the fitted judge (its ASR: the complied rate); over-refusal and benign
+   agreement on the benign and borderline test prompts; representation diagnostics; with
+   `--judge-agreement`, the judges' agreement with the shipped hand labels (the same for every
+   trained model, so not part of every run). Written to OUT/eval/ (results.json, samples.jsonl,
+   report.md, report.html); a rerun with the same model and budget resumes there.
 5. Everything to OUT/demo.json, and a compact table of the evaluation at the end.
 """
 
@@ -53,6 +53,9 @@ class DemoEvalBudget:
     behaviors: int = 12  # the first N behaviours of the built-in harmful test split
     optimised_behaviors: int = 4  # ... of which the optimisation attacks get the first N
     optimised_attacks: tuple = ("embedding", "embedding_improved", "gcg")
+    # The original model complies with direct requests already: optimising attacks against it measures
+    # nothing the direct row does not, and costs about 70 s of the demo's 15 minutes.
+    optimised_on_original: bool = False
     max_new_tokens: int = 32
     # The judge of every label (attacks, over-refusal, side-by-side); "fitted": fitted on the shipped hand labels.
     judge: str = "fitted"
@@ -273,12 +276,13 @@ def run_demo_eval(broken, original, tokenizer, out: Path, config: RRConfig, budg
     # Two calls into the same samples.jsonl: the optimisation attacks on fewer behaviours. The first
     # call starts afresh when not resuming; the second always resumes (it keeps the first's samples).
     results: dict = {}
-    groups = [(behaviors, [a for a in attacks if a.name not in budget.optimised_attacks]),
-              (few, [a for a in attacks if a.name in budget.optimised_attacks])]
-    for group_behaviors, group in groups:
+    groups = [(behaviors, [a for a in attacks if a.name not in budget.optimised_attacks], original),
+              (few, [a for a in attacks if a.name in budget.optimised_attacks],
+               original if budget.optimised_on_original else None)]
+    for group_behaviors, group, baseline in groups:
         if not group or not group_behaviors:
             continue
-        part = evaluate(broken, tokenizer, group_behaviors, group, judge, eval_dir, baseline=original,
+        part = evaluate(broken, tokenizer, group_behaviors, group, judge, eval_dir, baseline=baseline,
                         seed=budget.seed, resume=resume or bool(results), progress=progress,
                         extra={"run": run_info, "demo_state": state})
         if not results:
