@@ -4,7 +4,8 @@
         --source "runs/demo/model: smollm2-135m recipe at 2d7bad2, seed 42" --out runs/labels/demo-s42.jsonl
 
 Reads EVAL_DIR/samples.jsonl (harmful prompts under attack; `model` -> "after", `baseline` ->
-"before") and EVAL_DIR/capability_samples.jsonl (benign and borderline prompts), and writes one line
+"before") and EVAL_DIR/capability_samples.jsonl (benign and borderline prompts), either may be
+missing (a `recipe_robustness.py` run directory has only the second), and writes one line
 per output in the labelling format with `label` left out: `prompt` is the behaviour's request (not
 the attack's wrapped prompt), prefilling items carry `prefill` and their continuation as `output`,
 templates items their `template`. Outputs already in `--skip` (labelled files) are left out, so the
@@ -25,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def harmful_items(eval_dir: Path, tag: str, requests: dict[str, str]) -> list[dict]:
     items = []
-    for line in (eval_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines():
+    path = eval_dir / "samples.jsonl"
+    for line in (path.read_text(encoding="utf-8").splitlines() if path.is_file() else []):
         row = json.loads(line)
         extra = row.get("extra") or {}
         item = {"id": f"{tag}-{row['attack']}-{'before' if row['model'] == 'baseline' else 'after'}-"
