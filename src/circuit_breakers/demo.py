@@ -138,7 +138,8 @@ def run_demo(config: RRConfig, out_dir: str | Path = "runs/demo", *, retrain: bo
     result = {
         "model": config.model, "config": config.to_dict(), "reused_training": reused,
         "train_seconds": train_seconds, "cosine_seconds": cosine_seconds,
-        "total_seconds": round(time.time() - started, 1), "target_layers": config.target_layers, "cosine": cosines, "breaker": breaker_verdict(cosines),
+        "total_seconds": round(time.time() - started, 1), "target_layers": config.target_layers,
+        "cosine": cosines, "breaker": breaker_verdict(cosines),
         "eval": {"skipped": "--no-eval"} if not evaluate else None,
     }
     # Written before the evaluation too, so an interrupted evaluation leaves the training's results.
@@ -150,7 +151,8 @@ def run_demo(config: RRConfig, out_dir: str | Path = "runs/demo", *, retrain: bo
         samples = _evaluated_samples(out / "eval", n_prompts)
         result["max_new_tokens"] = (eval_budget or DEMO_EVAL).max_new_tokens
     else:
-        samples = _side_by_side(original, broken, tokenizer, n_prompts, max_new_tokens, (eval_budget or DEMO_EVAL).judge)
+        samples = _side_by_side(original, broken, tokenizer, n_prompts, max_new_tokens,
+                                (eval_budget or DEMO_EVAL).judge)
         result["max_new_tokens"] = max_new_tokens
     result.update(judge=(eval_budget or DEMO_EVAL).judge, labels=_summary(samples), samples=samples,
                   total_seconds=round(time.time() - started, 1))
@@ -301,7 +303,8 @@ def run_demo_eval(broken, original, tokenizer, out: Path, config: RRConfig, budg
         results["capability"] = previous["capability"]
     else:
         results["capability"] = capability_report(
-            broken, tokenizer, original, judge=judge, limit=budget.capability_prompts, max_new_tokens=budget.max_new_tokens,
+            broken, tokenizer, original, judge=judge, limit=budget.capability_prompts,
+            max_new_tokens=budget.max_new_tokens,
             batch_size=min(budget.capability_prompts or 16, 16), progress=progress,
             samples_out=eval_dir / "capability_samples.jsonl")
     lap("capability")
@@ -324,8 +327,8 @@ def run_demo_eval(broken, original, tokenizer, out: Path, config: RRConfig, budg
         from .evaluation.agreement import judge_agreement, load_labelled
         from .evaluation.judge_fit import fitted_on
 
-        judges = {"refusal": make_judge("refusal"), "heuristic": make_judge("heuristic", reference=(original, tokenizer)),
-                  judge.name: judge}
+        judges = {"refusal": make_judge("refusal"),
+                  "heuristic": make_judge("heuristic", reference=(original, tokenizer)), judge.name: judge}
         items = load_labelled(labels_path)
         fit_ids = fitted_on(judge.params, items) if hasattr(judge, "params") else set()
         results["judge_agreement"] = judge_agreement([i for i in items if i.id not in fit_ids], judges)
@@ -405,7 +408,8 @@ def eval_report(summary: dict) -> str:
              f"{summary['judge']} judge, Wilson 95% CI (small n: wide intervals):",
              f"  {'attack':<20} {'before':<30} after"]
     for attack, cells in summary["asr"].items():
-        before, after = (rate_text(cells[w] and rate_of(cells[w]), cells[w] and cells[w]["n"]) for w in ("before", "after"))
+        before, after = (rate_text(cells[w] and rate_of(cells[w]), cells[w] and cells[w]["n"])
+                         for w in ("before", "after"))
         lines.append(f"  {attack:<20} {before:<30} {after}")
     over = summary.get("over_refusal", {})
     if over:

@@ -15,8 +15,8 @@ accuracy over the four labels (an "error" verdict counts as a disagreement, and 
 binary accuracy (harmful vs not harmful: what the harmful ASR depends on; the only fair number for the
 harmbench judge, which cannot tell refusal from broken-down), harmful precision and recall,
 complied-vs-not accuracy, precision and recall on harmful prompts' outputs (what the complied ASR
-depends on: hand "harmful" or `complies_in_form` against the judge's `Verdict.attempted`), and the confusion matrix (rows:
-hand label, columns: judge label, incl. "error").
+depends on: hand "harmful" or `complies_in_form` against the judge's `Verdict.attempted`), and the
+confusion matrix (rows: hand label, columns: judge label, incl. "error").
 """
 
 from __future__ import annotations

@@ -245,7 +245,7 @@ def _reference(args):
         from ..models import load_model
         return load_model(args.model, dtype=args.dtype, device=args.device)
     if not args.labels:
-        print("note: no --model, so the heuristic and fitted judges run without perplexity "
+        print("note: no --model, so the heuristic judge runs without perplexity and the fitted judge not at all "
               "(add --model smollm2-135m, the original model of these outputs)", file=sys.stderr)
     return None
 
