@@ -321,6 +321,7 @@ def _fit_judge(args) -> int:
     reference = _reference(args)
     params, heldout = fit_judge(items, reference)
     params["labels"] = Path(labels).name
+    params["perplexity_model"] = args.model  # as given, not the cache path it resolved to
     params["command"] = "circuit-breakers eval fit-judge" + (f" --labels {args.labels}" if args.labels else "") + \
         (f" --model {args.model}" if args.model else "")
     judges = {"refusal": make_judge("refusal"), "heuristic": make_judge("heuristic", reference=reference),
