@@ -182,3 +182,8 @@ def test_trained_with_treats_missing_keys_as_defaults(tmp_path):
     assert demo._trained_with(tmp_path, config)
     assert demo._trained_with(tmp_path, RRConfig(steps=3, save_every=7))  # checkpointing is not in the weights
     assert not demo._trained_with(tmp_path, RRConfig(steps=4))
+
+
+def test_side_by_side_labels_say_when_an_output_attempted_the_task():
+    assert demo._shown("benign answer", True) == "benign answer, attempted"
+    assert demo._shown("harmful", True) == "harmful" and demo._shown("broken-down", False) == "broken-down"

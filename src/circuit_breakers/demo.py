@@ -175,10 +175,16 @@ def _side_by_side(original, broken, tokenizer, n_prompts: int, max_new_tokens: i
             texts = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=n_prompts)
             ppl = output_perplexities(original, tokenizer, conversations, texts)
             verdicts = judge.label_batch([p.request for p in prompts], texts, harmful_prompt=harmful, perplexities=ppl)
-            outputs[label] = [{"output": t, "label": v.label, "reason": v.reason} for t, v in zip(texts, verdicts)]
+            outputs[label] = [{"output": t, "label": _shown(v.label, v.attempted), "reason": v.reason}
+                              for t, v in zip(texts, verdicts)]
         samples += [{"set": name, "request": prompt.request, **{label: outputs[label][i] for label in outputs}}
                     for i, prompt in enumerate(prompts)]
     return samples
+
+
+def _shown(label: str, attempted: bool | None) -> str:
+    """A label as the side-by-side shows it: an attempt that is not "harmful" says so."""
+    return f"{label}, attempted" if attempted and label != "harmful" else label
 
 
 def _evaluated_samples(eval_dir: Path, n_prompts: int) -> list[dict]:
@@ -190,7 +196,7 @@ def _evaluated_samples(eval_dir: Path, n_prompts: int) -> list[dict]:
         if row["attack"] == "direct" and row["sample_index"] == 0:
             side = "original" if row["model"] == "baseline" else "circuit_broken"
             pairs.setdefault(("harmful", row["behavior_id"]), {"set": "harmful", "request": row["prompt"]})[side] = {
-                "output": row["output"], "label": row["label"], "reason": row["reason"]}
+                "output": row["output"], "label": _shown(row["label"], row.get("complied")), "reason": row["reason"]}
     for row in read_jsonl(eval_dir / "capability_samples.jsonl"):
         if row["prompt_kind"] == "benign":
             side = "original" if row["model"] == "before" else "circuit_broken"
