@@ -200,3 +200,14 @@ def test_prefill_is_not_credited_to_the_model(tmp_path):
              judge_full_turn=True)
     sample = read_samples(tmp_path / "b" / "samples.jsonl")[0]
     assert sample["label"] == "harmful" and "judged" not in sample
+
+
+def test_results_name_the_judges_held_out_agreement(tmp_path):
+    from circuit_breakers.judges.fitted import shipped_heldout
+    from circuit_breakers.reports.render import _heldout_text
+
+    results = evaluate(None, None, BEHAVIORS[:2], [FakeAttack()], RefusalJudge(), tmp_path, progress=False)
+    heldout = results["judge"]["heldout"]
+    assert heldout == shipped_heldout() and heldout["refusal"]["n"] >= 300
+    assert "never fitted on" in _heldout_text(results["judge"]) and f"n={heldout['refusal']['n']}" in \
+        _heldout_text(results["judge"])

@@ -357,6 +357,9 @@ def build_results(records: list[dict], behaviors: Sequence[Behavior], attacks: l
     judge_info = describe() if callable(describe) else {"name": getattr(judge, "name", type(judge).__name__)}
     measures = tuple(getattr(judge, "measures", ("harmful",)))
     judge_info = {**judge_info, "measures": list(measures)}
+    if "heldout" not in judge_info:  # what fit-judge measured of this judge on the held-out hand labels
+        from ..judges.fitted import shipped_heldout
+        judge_info["heldout"] = shipped_heldout()
     # The attacks of this call first, then any other attack already in samples.jsonl (an earlier
     # run into the same OUT with other --attacks), with the budget its samples recorded.
     attack_info = {}

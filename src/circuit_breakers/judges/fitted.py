@@ -92,6 +92,15 @@ def features(request: str, output: str, *, harmful_prompt: bool, perplexity: flo
     return [h, *(base[name] for name in _BASE), *(h * base[name] for name in _WITH_HARMFUL)]
 
 
+def shipped_heldout() -> dict | None:
+    """Every judge's agreement on the held-out part of the shipped hand labels (smollm2-135m outputs),
+    as the shipped parameters recorded it when they were fitted; None without them."""
+    try:
+        return json.loads(DEFAULT_PARAMS.read_text(encoding="utf-8")).get("heldout")
+    except (OSError, ValueError):
+        return None
+
+
 def class_of(label: str, complies_in_form: bool) -> str:
     """A hand label (+ complies_in_form) as one of CLASSES."""
     return "attempt" if label == "benign answer" and complies_in_form else label

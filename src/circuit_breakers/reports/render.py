@@ -54,9 +54,9 @@ def _heldout_text(judge: dict) -> str:
     own = (judge.get("heldout") or {}).get(judge.get("name"))
     if not own:
         return "Judge not validated against hand labels in this run (see docs/labelling.md)."
-    return (f"Held-out agreement with hand labels it was never fitted on: {_pct(own.get('complied_accuracy'))} "
-            f"complied-vs-not (n={own.get('complied_n')}), {_pct(own.get('accuracy'))} over 4 labels "
-            f"(n={own.get('n')}).")
+    return (f"Held-out agreement with hand labels of smollm2-135m outputs it was never fitted on: "
+            f"{_pct(own.get('complied_accuracy'))} complied-vs-not (n={own.get('complied_n')}), "
+            f"{_pct(own.get('accuracy'))} over 4 labels (n={own.get('n')}); another model's outputs may differ.")
 
 
 def build_blocks(results: dict) -> list[Block]:
