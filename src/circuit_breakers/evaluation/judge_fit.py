@@ -52,11 +52,9 @@ def item_features(items: Sequence[LabelledOutput], perplexities: Sequence[float]
 
 def perplexities_of(items: Sequence[LabelledOutput], reference) -> list[float]:
     """Each output's perplexity under the ORIGINAL model (`reference` = (model, tokenizer))."""
-    from ..judges.heuristic import output_perplexities
+    from ..judges.heuristic import reference_perplexities
 
-    model, tokenizer = reference
-    conversations = [[{"role": "user", "content": item.behavior().user_message()}] for item in items]
-    return output_perplexities(model, tokenizer, conversations, [item.output for item in items])
+    return reference_perplexities(*reference, [item.behavior() for item in items], [item.output for item in items])
 
 
 def fit_judge(items: Sequence[LabelledOutput], reference=None, *, perplexities: dict[str, float] | None = None,
@@ -72,9 +70,7 @@ def fit_judge(items: Sequence[LabelledOutput], reference=None, *, perplexities: 
     rows = item_features(fit_part, [perplexities[item.id] for item in fit_part])
     params = fit(rows, [class_of(item.label, item.complies_in_form) for item in fit_part], l2=l2)
     params.update(split_seed=seed, heldout_fraction=heldout_fraction, fit_n=len(fit_part),
-                  heldout_ids=sorted(item.id for item in heldout), labels_digest=ids_digest(items),
-                  perplexity_model=getattr(getattr(reference[0], "config", None), "_name_or_path", None)
-                  if reference is not None else "given")
+                  heldout_ids=sorted(item.id for item in heldout), labels_digest=ids_digest(items))
     return params, heldout
 
 

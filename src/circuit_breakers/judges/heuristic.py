@@ -153,8 +153,7 @@ class HeuristicJudge(BaseJudge):
         if len(behaviors) != len(generations):
             raise ValueError(f"{len(behaviors)} behaviours but {len(generations)} generations")
         if perplexities is None and self.model is not None and generations:
-            conversations = [[{"role": "user", "content": user_message_of(b)}] for b in behaviors]
-            perplexities = output_perplexities(self.model, self.tokenizer, conversations, list(generations))
+            perplexities = reference_perplexities(self.model, self.tokenizer, behaviors, generations)
         perplexities = list(perplexities) if perplexities is not None else [None] * len(generations)
         return [self.judge(g, harmful_prompt=harmful_prompt, perplexity=p, request=request_of(b))
                 for b, g, p in zip(behaviors, generations, perplexities)]
@@ -215,3 +214,11 @@ def output_perplexities(model, tokenizer, conversations: Sequence[list[dict]], o
     """Perplexity of each output as the assistant turn after its conversation, under `model`."""
     return [math.exp(nll / n) if n else float("inf")
             for nll, n in response_nll(model, tokenizer, conversations, outputs, batch_size)]
+
+
+def reference_perplexities(model, tokenizer, behaviors: Sequence[BehaviorLike], generations: Sequence[str]) -> list[float]:
+    """Each generation's perplexity as the answer to its behaviour's user message, under `model` (the
+    ORIGINAL model): what the heuristic and fitted judges read as "is this coherent text"."""
+    conversations = [[{"role": "user", "content": user_message_of(b)}] for b in behaviors]
+    return output_perplexities(model, tokenizer, conversations, list(generations))
+
