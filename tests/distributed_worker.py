@@ -21,7 +21,7 @@ def run(model_dir: Path, grad_accum: int, out: Path | None = None, resume: bool 
     from the newest checkpoint there); returns (LoRA weights, log, this process's rank)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from circuit_breakers import training
+    from circuit_breakers.training import trainer as training
     from circuit_breakers.config import RRConfig
     from tests.test_training import _items
 

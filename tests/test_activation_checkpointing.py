@@ -4,7 +4,7 @@ import types
 import pytest
 import torch
 
-from circuit_breakers.activation_checkpointing import CheckpointPlanner, supports_per_block_checkpointing
+from circuit_breakers.training.memory import CheckpointPlanner, supports_per_block_checkpointing
 from circuit_breakers.models import find_architecture
 
 from .conftest import make_tiny_model

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from circuit_breakers import checkpoint as ckpt
+from circuit_breakers.training import checkpoint as ckpt
 from circuit_breakers.cli import main
 from circuit_breakers.config import ConfigError, RRConfig
 from circuit_breakers.data import write_jsonl

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuit_breakers import checkpoint as ckpt
+from circuit_breakers.training import checkpoint as ckpt
 from circuit_breakers.cli import accelerate_config_path
 from circuit_breakers.config import ConfigError, RRConfig
 
@@ -117,7 +117,7 @@ def test_zero3_checkpoint_does_not_resume_without_deepspeed(tmp_path, chat_token
 
 def test_deepspeed_is_imported_only_for_a_deepspeed_run():
     """(In a fresh interpreter: accelerate's own launcher helpers, used by other tests, may import it.)"""
-    code = ("import sys, circuit_breakers.training, circuit_breakers.cli, circuit_breakers.distributed; "
+    code = ("import sys, circuit_breakers.training, circuit_breakers.cli, circuit_breakers.training.parallel; "
             "circuit_breakers.cli.accelerate_command(['train', '--out', 'o'], 'fsdp'); "
             "print('deepspeed' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO / "src")},
@@ -142,14 +142,14 @@ class _FakeAccelerator:
     ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, r"offload_param.device=cpu"),
 ])
 def test_deepspeed_settings_the_trainer_owns_are_refused(ds_config, message):
-    from circuit_breakers.deepspeed_engine import ZeroEngine
+    from circuit_breakers.training.zero import ZeroEngine
 
     with pytest.raises(ConfigError, match=message):
         ZeroEngine(_FakeAccelerator(ds_config), torch.nn.Linear(2, 2), None, RRConfig(model="x", batch_size=8), 2)
 
 
 def test_rr_config_fills_deepspeeds_batch_and_clipping():
-    from circuit_breakers.deepspeed_engine import ZeroEngine
+    from circuit_breakers.training.zero import ZeroEngine
 
     ds_config = {"gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
     engine = ZeroEngine(_FakeAccelerator(ds_config), torch.nn.Linear(2, 2), None,

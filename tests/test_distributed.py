@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from circuit_breakers.config import ConfigError, RRConfig
-from circuit_breakers.distributed import Distributed
+from circuit_breakers.training.parallel import Distributed
 
 from .conftest import make_tiny_model
 from .distributed_worker import run
@@ -70,7 +70,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny
 
 
 def test_global_batch_must_split_over_processes_and_micro_batches(chat_tokenizer, monkeypatch):
-    from circuit_breakers import training
+    from circuit_breakers.training import trainer as training
 
     fake = Distributed()
     fake.world = 2  # two processes, as seen from rank 0; no collective is reached before the check

@@ -7,7 +7,7 @@ import pytest
 
 from circuit_breakers.cli import ACCELERATE_CONFIGS_DIR, accelerate_command, accelerate_config_path, main
 from circuit_breakers.config import ConfigError
-from circuit_breakers.distributed import parallel_mode
+from circuit_breakers.training.parallel import parallel_mode
 
 SHIPPED = {"single-gpu": "NO", "multi-gpu": "MULTI_GPU", "fsdp": "FSDP", "deepspeed-zero2": "DEEPSPEED",
            "deepspeed-zero3": "DEEPSPEED"}

@@ -175,7 +175,7 @@ def _launch(args, argv: list[str]) -> int:
 
 
 def _train(args) -> int:
-    from . import checkpoint as ckpt
+    from .training import checkpoint as ckpt
     from .config import parse_overrides
     from .training import RRTrainer
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import ConfigError
+from ..config import ConfigError
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() == "true"

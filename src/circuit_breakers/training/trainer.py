@@ -25,14 +25,14 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import losses
-from .config import ConfigError, RRConfig
-from .data import ChatFormatter, TokenizedExample, collate, tokenize_examples
-from .data.builtin import load_training_sets
-from .distributed import Distributed, from_environment
-from .activation_checkpointing import CheckpointPlanner, measure_activation_bytes_per_token, supports_per_block_checkpointing
-from .hidden import decoder_hidden_states
-from .models import (Architecture, DroppedBlocks, base_model_name, drop_blocks_after, find_architecture, load_model,
+from .. import losses
+from ..config import ConfigError, RRConfig
+from ..data import ChatFormatter, TokenizedExample, collate, tokenize_examples
+from ..data.builtin import load_training_sets
+from .parallel import Distributed, from_environment
+from .memory import CheckpointPlanner, measure_activation_bytes_per_token, supports_per_block_checkpointing
+from ..hidden import decoder_hidden_states
+from ..models import (Architecture, DroppedBlocks, base_model_name, drop_blocks_after, find_architecture, load_model,
                      resolve_dtype, unwrap)
 
 
@@ -414,7 +414,7 @@ class RRTrainer(ckpt.CheckpointedTraining):
 
     def _start_deepspeed(self) -> None:
         """Hand the passes and AdamW to DeepSpeed's engine (see deepspeed_engine.py for how it is driven)."""
-        from .deepspeed_engine import ZeroEngine
+        from .zero import ZeroEngine
 
         self.zero = ZeroEngine(self.dist.accelerator, self.passes, self.optimizer, self.config, self.dist.world)
         self.run_passes = self.zero.passes

@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .config import ConfigError, RRConfig, atomic_write_text, read_yaml
-from .deepspeed_engine import ENGINE_DIR
-from .models import unwrap
+from ..config import ConfigError, RRConfig, atomic_write_text, read_yaml
+from .zero import ENGINE_DIR
+from ..models import unwrap
 
 if TYPE_CHECKING:
-    from .training import FrozenStateCache
+    from .trainer import FrozenStateCache
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"

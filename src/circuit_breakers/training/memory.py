@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from .hidden import decoder_hidden_states
-from .models import Architecture
+from ..hidden import decoder_hidden_states
+from ..models import Architecture
 
 
 def supports_per_block_checkpointing(arch: Architecture) -> bool:

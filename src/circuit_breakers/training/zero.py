@@ -36,7 +36,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .config import ConfigError, RRConfig
+from ..config import ConfigError, RRConfig
 
 ENGINE_DIR = "deepspeed"  # inside a run checkpoint: the engine's own files
 _TAG = "state"
