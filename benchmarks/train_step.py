@@ -53,7 +53,8 @@ from circuit_breakers import losses
 from circuit_breakers.config import RRConfig
 from circuit_breakers.data.formatting import TokenizedExample, collate
 from circuit_breakers.models import find_architecture
-from circuit_breakers.training import RRTrainer, add_lora, batch_indices, switch_off_base_dropout
+from circuit_breakers.training import RRTrainer, batch_indices
+from circuit_breakers.training.lora import add_lora, switch_off_base_dropout
 
 PAD_ID, BOS_ID = 0, 1
 GIB = 1024 ** 3

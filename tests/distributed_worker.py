@@ -53,7 +53,7 @@ def run(model_dir: Path, grad_accum: int, out: Path | None = None, resume: bool 
         from safetensors.torch import load_file
         saved = load_file(out / "adapter" / "adapter_model.safetensors") if trainer.dist.is_main else {}
         return saved, log, trainer.dist.rank
-    weights = trainer._full_lora_state() or {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+    weights = trainer.parallel.full_lora_state(trainer.model) or {n: p.detach().clone() for n, p in trainer.model.named_parameters()
                                                  if p.requires_grad}
     return weights, log, trainer.dist.rank
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from circuit_breakers.training import checkpoint as ckpt
-from circuit_breakers.cli import accelerate_config_path
+from circuit_breakers.training.cli import accelerate_config_path
 from circuit_breakers.config import ConfigError, RRConfig
 
 from .distributed_worker import run
@@ -112,13 +112,14 @@ def test_zero3_checkpoint_does_not_resume_without_deepspeed(tmp_path, chat_token
         {"step": 1, "world_size": 2, "parallel": "deepspeed-zero3", "config": config.to_dict(),
          "data_fingerprint": fingerprint, "batches_drawn": {"circuit_breaker": 1, "retain": 1}}))
     with pytest.raises(ConfigError, match="written by a deepspeed-zero3 run; resume it the same way"):
-        trainer._load_checkpoint(checkpoint, fingerprint)
+        ckpt.Checkpointer(tmp_path, config, trainer.dist, trainer.parallel, fingerprint).load(
+            checkpoint, trainer.model, {}, trainer.device)
 
 
 def test_deepspeed_is_imported_only_for_a_deepspeed_run():
     """(In a fresh interpreter: accelerate's own launcher helpers, used by other tests, may import it.)"""
-    code = ("import sys, circuit_breakers.training, circuit_breakers.cli, circuit_breakers.training.parallel; "
-            "circuit_breakers.cli.accelerate_command(['train', '--out', 'o'], 'fsdp'); "
+    code = ("import sys, circuit_breakers.training, circuit_breakers.training.cli, circuit_breakers.training.parallel; "
+            "circuit_breakers.training.cli.accelerate_command(['train', '--out', 'o'], 'fsdp'); "
             "print('deepspeed' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO / "src")},
                           capture_output=True, text=True, timeout=120)

@@ -291,7 +291,7 @@ def test_auto_lora_targets_are_the_papers_projections_or_every_linear_layer(chat
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from circuit_breakers.models import find_architecture
-    from circuit_breakers.training.trainer import PAPER_LORA_TARGETS, resolve_lora_targets
+    from circuit_breakers.training.lora import PAPER_LORA_TARGETS, resolve_lora_targets
 
     llama = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=2)
     assert resolve_lora_targets(find_architecture(llama), ["auto"]) == PAPER_LORA_TARGETS

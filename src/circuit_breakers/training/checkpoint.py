@@ -5,7 +5,8 @@ exactly as an uninterrupted run would:
 
     adapter/              the LoRA weights (PEFT format: also usable on its own)
     optimizer.pt          AdamW's state (under DeepSpeed instead: deepspeed/, the engine's own files,
-                          one optimizer partition per process)
+                          one optimizer partition per process): written and read by the run's
+                          parallel strategy (parallel.py, zero.py)
     rng.pt                python, numpy, torch CPU and CUDA RNG states, one entry per process
     trainer_state.json    the step, how many batches each set's sampler has drawn, the config, a
                           fingerprint of the tokenised data (resuming on other data is an error) and
@@ -13,7 +14,8 @@ exactly as an uninterrupted run would:
 
 It is written into a temporary sibling directory and renamed into place when complete; older
 checkpoints are deleted only after that, keeping the newest `keep_checkpoints`. A run killed at any
-moment therefore leaves at least the last complete checkpoint.
+moment therefore leaves at least the last complete checkpoint. `Checkpointer` does all of this for
+the trainer, from the state it is handed.
 """
 
 from __future__ import annotations
@@ -28,23 +30,20 @@ import tempfile
 import warnings
 from array import array
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
+from torch import nn
 
-from ..config import ConfigError, RRConfig, atomic_write_text, read_yaml
-from .zero import ENGINE_DIR
-from ..models import unwrap
-
-if TYPE_CHECKING:
-    from .trainer import FrozenStateCache
+from ..atomic import atomic_directory, atomic_write_text
+from ..config import ConfigError, RRConfig, read_yaml
+from .frozen_cache import CacheSegments, FrozenStateCache
+from .parallel import Distributed, Parallel
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 ADAPTER_DIR = "adapter"
-CACHE_DIR = "frozen-cache"
 LOG_FILE = "train_log.jsonl"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -198,20 +197,9 @@ def check_resumable(state: dict, config: RRConfig, fingerprint: str, checkpoint:
 
 def write_checkpoint(out: Path, step: int, write_contents, keep: int) -> Path:
     """Write OUT/checkpoints/step-N atomically (`write_contents(tmp_dir)`), then drop all but the newest `keep`."""
-    root = Path(out) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}-"))
-    try:
+    target = Path(out) / CHECKPOINTS / f"step-{step}"
+    with atomic_directory(target, fsync=True) as tmp:
         write_contents(tmp)
-        _fsync_tree(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -224,69 +212,6 @@ def remove_stale_temporaries(out: Path) -> None:
         for p in root.iterdir():
             if p.name.startswith(".step-"):
                 shutil.rmtree(p, ignore_errors=True)
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------- the frozen-state cache
-
-
-def write_cache_segment(out: Path, rank: int, name: str, step: int, items: dict) -> str:
-    """Save cache items {item: {entry: tensor}} added since the last checkpoint; returns the file's name.
-
-    The adapter-disabled model's states never change, so the cache is saved in append-only segments
-    shared by all checkpoints (OUT/checkpoints/frozen-cache/rankR/SET-stepN.safetensors): a resumed run
-    must use the very values the uninterrupted one cached (recomputing them in other batches differs
-    in the last bits, and Adam can amplify that). Each process writes its own, so no state crosses
-    the network; a checkpoint lists the segments it needs."""
-    from safetensors.torch import save_file
-
-    folder = Path(out) / CHECKPOINTS / CACHE_DIR / f"rank{rank}"
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{name}-step{step}.safetensors"
-    tensors = {f"{item}.{entry}": value.detach().to("cpu").contiguous()
-               for item, states in items.items() for entry, value in states.items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target.name
-
-
-def read_cache_segments(out: Path, rank: int, names: list[str], device) -> dict:
-    from safetensors.torch import load_file
-
-    items: dict[int, dict[int, torch.Tensor]] = {}
-    for name in names:
-        for key, value in load_file(Path(out) / CHECKPOINTS / CACHE_DIR / f"rank{rank}" / name).items():
-            item, entry = (int(x) for x in key.split("."))
-            items.setdefault(item, {})[entry] = value.to(device)
-    return items
 
 
 # ---------------------------------------------------------------- the train log
@@ -307,18 +232,44 @@ def read_log(path: Path, up_to_step: int) -> list[dict]:
     return records
 
 
-# ---------------------------------------------------------------- the trainer's side
+def non_finite_message(step: int, values: dict, out: Path | None, last_checkpoint: Path | None,
+                       save_every: int) -> str:
+    shown = ", ".join(f"{k}={v}" for k, v in values.items())
+    if last_checkpoint is not None:
+        tail = (f"the last good checkpoint is {last_checkpoint}; lower lr (or raise max_grad_norm's "
+                f"strictness) and continue with `circuit-breakers train --resume {out}`")
+    elif out is not None and save_every:
+        tail = f"no checkpoint had been written yet (save_every={save_every})"
+    else:
+        tail = "no checkpoints are written (no output directory or save_every=0)"
+    return f"step {step}: loss or gradient norm is not finite ({shown}); training stopped; {tail}"
 
 
-class CheckpointedTraining:
-    """What RRTrainer (training.py) does with its output directory and checkpoints: check it before the
-    first step, save every `save_every` steps, restore on `--resume`. Kept here, beside the file format,
-    so the training loop reads on its own. Uses the trainer's model, optimizer, caches, config and dist."""
+# ---------------------------------------------------------------- the trainer's checkpointer
 
-    def _prepare_output(self, out: Path, resume) -> Path | None:
-        """Before the first step (rank 0): the directory is writable and roomy enough, the config and the
-        log are in place; returns the checkpoint to resume from, if any."""
-        config = self.config
+
+class Checkpointer:
+    """One run's output directory and checkpoints: checked before the first step, a checkpoint every
+    `save_every` steps, restored on `--resume`. Everything it saves is handed to it as arguments."""
+
+    def __init__(self, out: Path, config: RRConfig, dist: Distributed, parallel: Parallel, fingerprint: str) -> None:
+        self.out, self.config, self.dist, self.parallel = Path(out), config, dist, parallel
+        self.fingerprint = fingerprint  # of the tokenised data: resuming on other data is an error
+        self.segments = CacheSegments(self.out / CHECKPOINTS, dist.rank)
+        self.last: Path | None = None  # the newest complete checkpoint
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / LOG_FILE
+
+    def prepare(self, resume: str | os.PathLike | bool | None, *, adapter_bytes: int, model_bytes: int,
+                cache_bytes: int) -> Path | None:
+        """Before the first step (rank 0 checks, every process gets the answer): the directory is writable
+        and roomy enough, the config and the log are in place; returns the checkpoint to resume from."""
+        return self.dist.on_main(lambda: self._prepare(resume, adapter_bytes, model_bytes, cache_bytes))
+
+    def _prepare(self, resume, adapter_bytes: int, model_bytes: int, cache_bytes: int) -> Path | None:
+        config, out = self.config, self.out
         check_writable(out)
         checkpoint = None
         if resume is True:
@@ -327,65 +278,27 @@ class CheckpointedTraining:
         elif resume:
             checkpoint = resolve_resume(resume)[1]
         done = json.loads((checkpoint / STATE_FILE).read_text())["step"] if checkpoint else 0
-        adapter = state_bytes(self.trainable)
-        per_checkpoint = 3 * adapter + 2**16  # LoRA weights + AdamW's two moments (+ RNG and state files)
+        per_checkpoint = 3 * adapter_bytes + 2**16  # LoRA weights + AdamW's two moments (+ RNG and state files)
         checkpoints = min(config.keep_checkpoints, (config.steps - done) // config.save_every) if config.save_every else 0
-        model = state_bytes(list(unwrap(self.model).parameters()))
-        if self.dropped is not None:
-            model += state_bytes([p for block in self.dropped.blocks for p in block.parameters()])
-        cache = self._cache_bytes() if checkpoints and config.checkpoint_frozen_cache else 0  # once, in segments
+        cache = cache_bytes if checkpoints and config.checkpoint_frozen_cache else 0  # saved once, in segments
         check_free_space(out, checkpoint_bytes=per_checkpoint, checkpoints=checkpoints,
-                              other_bytes={"final adapter": adapter, "merged model": model,
-                                           **({"frozen-state cache": cache} if cache else {})})
+                         other_bytes={"final adapter": adapter_bytes, "merged model": model_bytes,
+                                      **({"frozen-state cache": cache} if cache else {})})
         remove_stale_temporaries(out)
         config.save(out / "config.yaml")
-        log_path = out / LOG_FILE
         if checkpoint is None:
-            log_path.unlink(missing_ok=True)
+            self.log_path.unlink(missing_ok=True)
         else:  # steps logged after the checkpoint are done again: drop them (and a half-written line)
-            kept = read_log(log_path, done)
-            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+            kept = read_log(self.log_path, done)
+            atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
         return checkpoint
 
-    def _cache_bytes(self) -> int:
-        """The frozen-state caches in use, when full."""
-        return sum(size for cache, size in zip((self.cb_cache, self.retain_cache), self.frozen_cache_sizes)
-                   if cache is not None)
-
-    def _non_finite_message(self, step: int, values: dict, out: Path | None) -> str:
-        shown = ", ".join(f"{k}={v}" for k, v in values.items())
-        if self._last_checkpoint is not None:
-            tail = (f"the last good checkpoint is {self._last_checkpoint}; lower lr (or raise max_grad_norm's "
-                    f"strictness) and continue with `circuit-breakers train --resume {out}`")
-        elif out is not None and self.config.save_every:
-            tail = f"no checkpoint had been written yet (save_every={self.config.save_every})"
-        else:
-            tail = "no checkpoints are written (no output directory or save_every=0)"
-        return f"step {step}: loss or gradient norm is not finite ({shown}); training stopped; {tail}"
-
-    def _frozen_caches(self) -> dict[str, FrozenStateCache]:
-        return {name: cache for name, cache in (("circuit_breaker", self.cb_cache), ("retain", self.retain_cache))
-                if cache is not None}
-
-    def _save_cache_segments(self, out: Path, step: int) -> dict[str, list[str]]:
-        """This process's frozen-cache items added since the last checkpoint, appended as new segments;
-        returns every segment this process's caches consist of."""
-        segments = getattr(self, "_cache_segments", None)
-        if segments is None:
-            segments = self._cache_segments = {"files": {}, "saved": {}}
-        for name, cache in self._frozen_caches().items() if self.config.checkpoint_frozen_cache else ():
-            saved = segments["saved"].setdefault(name, set())
-            new = {i: states for i, states in cache.items.items() if i not in saved}
-            if new:
-                file = write_cache_segment(out, self.dist.rank, name, step, new)
-                segments["files"].setdefault(name, []).append(file)
-                saved.update(new)
-        return {name: list(files) for name, files in segments["files"].items()}
-
-    def _save_checkpoint(self, out: Path, step: int, fingerprint: str) -> None:
+    def save(self, step: int, model: nn.Module, caches: dict[str, FrozenStateCache]) -> None:
+        """Write OUT/checkpoints/step-N (every process calls it: the LoRA and optimizer states may be
+        gathered from all of them)."""
         rng = self.dist.gather_objects(rng_state())
         try:
-            outcome = (self._save_cache_segments(out, step), None)
+            outcome = (self.segments.append(caches if self.config.checkpoint_frozen_cache else {}, step), None)
         except OSError as err:
             outcome = (None, err)
         outcomes = self.dist.gather_objects(outcome)
@@ -393,104 +306,39 @@ class CheckpointedTraining:
             if err is not None:
                 raise err
         state = {"step": step, "batches_drawn": {"circuit_breaker": step, "retain": step},
-                 "world_size": self.dist.world, "parallel": self._parallel_name(), "config": self.config.to_dict(),
-                 "data_fingerprint": fingerprint,
+                 "world_size": self.dist.world, "parallel": self.parallel.name, "config": self.config.to_dict(),
+                 "data_fingerprint": self.fingerprint,
                  "frozen_cache": [segments for segments, _ in outcomes]}
-
-        lora = self._full_lora_state()  # a collective when sharded
-        engine_files = None
-        if self.zero is not None:
-            # Every process writes its partition of the optimizer state beside the checkpoint being made
-            # (a `.step-` name: a killed run's leftovers are removed like other half-written checkpoints).
-            engine_files = out / CHECKPOINTS / f".step-{step}-engine"
-            self.zero.save(engine_files)
-            self.dist.barrier()
-            optimizer = None
-        else:
-            optimizer = self._optimizer_state()  # a collective under FSDP
+        lora = self.parallel.full_lora_state(model)
+        write_optimizer = self.parallel.save_optimizer(self.out / CHECKPOINTS / f".step-{step}-engine")
 
         def write(tmp: Path) -> None:
-            self.model.save_pretrained(tmp / ADAPTER_DIR, state_dict=lora)
-            if engine_files is not None:
-                os.replace(engine_files, tmp / ENGINE_DIR)
-            else:
-                torch.save(optimizer, tmp / OPTIMIZER_FILE)
+            model.save_pretrained(tmp / ADAPTER_DIR, state_dict=lora)
+            write_optimizer(tmp)
             torch.save({"world_size": self.dist.world, "states": rng}, tmp / RNG_FILE)
             atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1) + "\n")  # last: marks it complete
-        self._last_checkpoint = self.dist.on_main(
-            lambda: write_checkpoint(out, step, write, self.config.keep_checkpoints))
+        self.last = self.dist.on_main(lambda: write_checkpoint(self.out, step, write, self.config.keep_checkpoints))
 
-    def _load_checkpoint(self, checkpoint: Path, fingerprint: str) -> dict:
-        """Restore LoRA weights, optimizer and RNG states; rank 0 reads, every process gets them."""
+    def load(self, checkpoint: Path, model: nn.Module, caches: dict[str, FrozenStateCache], device) -> dict:
+        """Restore LoRA weights, optimizer, RNG states and frozen caches; returns the checkpoint's state."""
         def read():
-            from safetensors.torch import load_file
-
             state = json.loads((checkpoint / STATE_FILE).read_text())
-            check_resumable(state, self.config, fingerprint, checkpoint)
-            adapter = load_file(checkpoint / ADAPTER_DIR / "adapter_model.safetensors")
-            optimizer_file = checkpoint / OPTIMIZER_FILE  # absent under DeepSpeed: its engine's files instead
-            optimizer = torch.load(optimizer_file, map_location="cpu") if optimizer_file.exists() else None
+            check_resumable(state, self.config, self.fingerprint, checkpoint)
             # Our own file: python's and numpy's RNG states are plain tuples and arrays, not tensors.
-            rng = torch.load(checkpoint / RNG_FILE, map_location="cpu", weights_only=False)
-            return state, adapter, optimizer, rng
-        state, adapter, optimizer, rng = self.dist.on_main(read)
-        written_by, this_run = state.get("parallel", "single"), self._parallel_name()
-        # The optimizer state's layout differs under FSDP, and DeepSpeed partitions it per process.
-        if (written_by == "fsdp") != self.dist.sharded or written_by.startswith("deepspeed") != (self.zero is not None):
-            raise ConfigError(f"{checkpoint} was written by a {written_by} run; resume it the same way "
-                              f"(this run is {this_run})")
-        if self.zero is not None and (written_by, state["world_size"]) != (this_run, self.dist.world):
-            raise ConfigError(f"{checkpoint} was written by {state['world_size']} processes under {written_by}; "
-                              f"DeepSpeed resumes only with the same number of processes and ZeRO stage "
-                              f"(this run: {self.dist.world} under {this_run})")
-        if self.zero is not None:
-            self.zero.load(checkpoint / ENGINE_DIR)  # LoRA weights and this process's optimizer partition
-        elif self.dist.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            self._load_adapter(adapter, checkpoint)
-            set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=optimizer,
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            self._load_adapter(adapter, checkpoint)
-            self.optimizer.load_state_dict(optimizer)
-        states = rng["states"]
-        if len(states) == self.dist.world:
-            set_rng_state(states[self.dist.rank])
-            self._restore_frozen_caches(checkpoint.parent.parent, state.get("frozen_cache") or [])
+            return state, torch.load(checkpoint / RNG_FILE, map_location="cpu", weights_only=False)
+        state, rng = self.dist.on_main(read)
+        self.parallel.check_resume(state.get("parallel", "single"), state.get("world_size", 1), checkpoint)
+        self.parallel.load(checkpoint, model, checkpoint / ADAPTER_DIR / "adapter_model.safetensors")
+        states, world, rank = rng["states"], self.dist.world, self.dist.rank
+        segments = state.get("frozen_cache") or []
+        if len(states) == world:
+            set_rng_state(states[rank])
+            if len(segments) == world:
+                self.segments.restore(caches, segments[rank], device)
         else:  # another process count: the data order is the same, LoRA-dropout masks are not
-            warnings.warn(f"{checkpoint} was written by {len(states)} process(es), resumed by {self.dist.world}: "
+            warnings.warn(f"{checkpoint} was written by {len(states)} process(es), resumed by {world}: "
                           "LoRA-dropout masks will differ from an uninterrupted run")
             set_rng_state(states[0])
-            torch.manual_seed(self.config.seed + 1 + self.dist.rank + state["step"])
+            torch.manual_seed(self.config.seed + 1 + rank + state["step"])
+        self.last = checkpoint
         return state
-
-    def _load_adapter(self, adapter: dict[str, torch.Tensor], checkpoint: Path) -> None:
-        names = self._lora_names()
-        missing = sorted(set(names) - set(adapter))
-        if missing:
-            raise ConfigError(f"{checkpoint}: the adapter lacks {len(missing)} LoRA weights (e.g. {missing[0]})")
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for key, name in names.items():
-                p, value = params[name], adapter[key]
-                if hasattr(p, "device_mesh"):  # a DTensor shard: keep this process's part of the whole
-                    from torch.distributed.tensor import distribute_tensor
-                    value = distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
-                p.copy_(value)
-
-    def _restore_frozen_caches(self, out: Path, segments_per_rank: list[dict]) -> None:
-        if len(segments_per_rank) != self.dist.world:
-            return
-        mine = segments_per_rank[self.dist.rank]
-        try:
-            loaded = {name: read_cache_segments(out, self.dist.rank, mine.get(name, []), self.device)
-                      for name in self._frozen_caches()}
-        except (OSError, ValueError) as err:  # a lost segment costs exactness, not the run
-            warnings.warn(f"frozen-state cache not restored ({err}): it is recomputed, and the run may differ "
-                          "from an uninterrupted one in the last bits")
-            return
-        self._cache_segments = {"files": {k: list(v) for k, v in mine.items()}, "saved": {}}
-        for name, cache in self._frozen_caches().items():
-            cache.items.update(loaded[name])
-            self._cache_segments["saved"][name] = set(cache.items)

@@ -1,4 +1,4 @@
-"""Gradient checkpointing chosen by memory, per batch and per block.
+"""Activation memory: gradient checkpointing chosen by measured memory, per batch and per block.
 
 Checkpointing a block trades one extra forward of it (about a third of its grad-pass time) for not
 keeping its activations. Checkpointing every block, as the reference does, pays that price even when
@@ -76,3 +76,24 @@ class CheckpointPlanner:
             block.gradient_checkpointing = index >= k
         self.last_uncheckpointed = k
         return k
+
+
+def setup_activation_checkpointing(model, arch: Architecture, config, device: torch.device, entries: list[int], *,
+                                   per_batch_plans: bool) -> CheckpointPlanner | None:
+    """Switch gradient checkpointing on as configured (`true`, or `auto` on CUDA). Under `auto`, where
+    the parallel mode allows plans that differ between processes, returns a planner that leaves as
+    many blocks un-checkpointed as the measured activation budget allows; else every block is."""
+    mode = config.gradient_checkpointing
+    if not (mode == "true" or (mode == "auto" and device.type == "cuda")):
+        return None
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    if mode != "auto" or not per_batch_plans or not supports_per_block_checkpointing(arch):
+        return None
+    full, checkpointed = measure_activation_bytes_per_token(arch, entries)
+    if config.activation_memory_gb is not None:
+        budget = config.activation_memory_gb * 2**30
+    else:
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = 0.8 * free - config.frozen_cache_gb * 2**30
+    return CheckpointPlanner(arch, budget, full, checkpointed)

@@ -25,18 +25,22 @@ How the trainer drives the engine, and why:
   across nodes, as for DeepSpeed itself. Resuming needs the same number of processes and ZeRO stage.
 
 DeepSpeed is imported only here, and this module only when a DeepSpeed config launched the run.
+`DeepSpeedParallel` is the trainer's strategy (parallel.py's interface); `ZeroEngine` drives the engine.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..config import ConfigError, RRConfig
+from .lora import trainable_parameters
+from .parallel import Distributed, Parallel
 
 ENGINE_DIR = "deepspeed"  # inside a run checkpoint: the engine's own files
 _TAG = "state"
@@ -126,3 +130,69 @@ class ZeroEngine:
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise ConfigError(f"{directory}: DeepSpeed could not load its checkpoint")
+
+
+class DeepSpeedParallel(Parallel):
+    """The trainer's strategy under DeepSpeed: every pass, backward and step through `ZeroEngine`."""
+
+    resume_family = "deepspeed"
+    # Under ZeRO-3 a checkpointed block gathers its weights again in backward: plans that differ between
+    # processes (each has its own batch lengths) would desynchronise them.
+    per_batch_checkpoint_plans = False
+
+    def __init__(self, dist: Distributed) -> None:
+        super().__init__(dist)
+        zero = dist.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization") or {}
+        self.stage = int(zero.get("stage", 0))
+        self.engine: ZeroEngine | None = None
+
+    @property
+    def name(self) -> str:
+        return f"deepspeed-zero{self.stage}"
+
+    @property
+    def caches_allowed(self) -> bool:
+        return self.stage < 3  # ZeRO-3: every forward is a collective
+
+    def prepare(self, passes: nn.Module, config: RRConfig) -> None:
+        self.passes = passes
+        self.dist.broadcast_(trainable_parameters(passes.model))
+        self._make_optimizer(passes.model, config)
+        self.engine = ZeroEngine(self.dist.accelerator, passes, self.optimizer, config, self.dist.world)
+        if self.engine.sharded:
+            passes.stop_early = False  # an exception mid-forward would leave ZeRO-3's gathered weights behind
+
+    def forward(self, *args, **kwargs):
+        return self.engine.passes(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        self.engine.backward(loss, last=last)
+
+    def step(self) -> float | None:
+        return self.engine.step()
+
+    def full_lora_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        if not self.engine.sharded:
+            return None
+        with self.engine.gathered(self.trainable):
+            return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    def plain_loading(self):
+        return self.engine.plain_models()
+
+    def save_optimizer(self, staging: Path) -> Callable[[Path], None]:
+        # Every process writes its partition beside the checkpoint being made (a `.step-` name: a killed
+        # run's leftovers are removed like other half-written checkpoints); rank 0 moves it in.
+        self.engine.save(staging)
+        self.dist.barrier()
+        return lambda directory: os.replace(staging, directory / ENGINE_DIR)
+
+    def load(self, checkpoint: Path, model: nn.Module, adapter_file: Path) -> None:
+        self.engine.load(checkpoint / ENGINE_DIR)  # LoRA weights and this process's optimizer partition
+
+    def check_resume(self, written_by: str, world: int, checkpoint: Path) -> None:
+        super().check_resume(written_by, world, checkpoint)
+        if (written_by, world) != (self.name, self.dist.world):
+            raise ConfigError(f"{checkpoint} was written by {world} processes under {written_by}; DeepSpeed "
+                              f"resumes only with the same number of processes and ZeRO stage "
+                              f"(this run: {self.dist.world} under {self.name})")

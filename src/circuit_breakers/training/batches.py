@@ -1,0 +1,99 @@
+"""What the loop feeds the model: which items form each batch, and how items become model inputs.
+
+The collator is the extension point for inputs other than token ids: whatever it returns besides
+`response_mask` is passed to the decoder as keyword arguments, in both passes (a vision-language
+collator adds `pixel_values`, a tool-use one renders tool schemas into the ids it returns).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence
+
+import torch
+
+from ..data import TokenizedExample, collate
+
+
+def batch_indices(lengths: Sequence[int], batch_size: int, seed: int, *, group_by_length: bool = True
+                  ) -> Iterator[list[int]]:
+    """Endless batches of item indices. Every item is drawn once per epoch (the reference could only
+    ever draw the first min(|D_s|, |D_r|) retain items). With `group_by_length`, items of similar
+    length share a batch (sorted within random windows of 50 batches), so less padding is computed."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        epoch = list(range(len(lengths)))
+        rng.shuffle(epoch)
+        if group_by_length:
+            window = batch_size * 50
+            epoch = [i for start in range(0, len(epoch), window)
+                     for i in sorted(epoch[start:start + window], key=lengths.__getitem__)]
+            batches = [epoch[i:i + batch_size] for i in range(0, len(epoch), batch_size)]
+            rng.shuffle(batches)
+            epoch = [i for b in batches for i in b]
+        order.extend(epoch)
+        while len(order) >= batch_size:
+            yield order[:batch_size]
+            del order[:batch_size]
+
+
+class Collator(Protocol):
+    """Items -> {"response_mask": (B, T) bool, and the model's keyword inputs, "attention_mask" among them}."""
+
+    # Whether two batches' inputs may be stacked into one right-padded pass (text: yes).
+    stackable: bool
+
+    def __call__(self, items: list[TokenizedExample]) -> dict[str, torch.Tensor]: ...
+
+
+class TextCollator:
+    """Token ids right-padded to the batch's longest item: input_ids, attention_mask (and response_mask)."""
+
+    stackable = True
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+        return collate(items, self.pad_token_id)
+
+
+@dataclass
+class Batch:
+    """One batch of one set: the model's inputs, which tokens are response tokens, and the items' indices."""
+
+    inputs: dict[str, torch.Tensor]
+    response_mask: torch.Tensor
+    indices: list[int]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return self.inputs["attention_mask"]
+
+    @property
+    def width(self) -> int:
+        return self.attention_mask.shape[1]
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.attention_mask.sum(dim=1).tolist()
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def make_batch(collator: Collator, items: list[TokenizedExample], indices: list[int], device) -> Batch:
+    tensors = collator([items[i] for i in indices])
+    response_mask = tensors.pop("response_mask").to(device)
+    return Batch({k: v.to(device) for k, v in tensors.items()}, response_mask, list(indices))
+
+
+def stack_batches(a: Batch, b: Batch) -> dict[str, torch.Tensor]:
+    """The inputs of two right-padded text batches as one (rows stacked, padded to the wider one): the
+    states of a right-padded row do not depend on the padding after it."""
+    width = max(a.width, b.width)
+    return {key: torch.cat([torch.nn.functional.pad(x.inputs[key], (0, width - x.width)) for x in (a, b)])
+            for key in a.inputs}
