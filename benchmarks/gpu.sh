@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 if "$PY" -c "import pytest" 2>/dev/null; then
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_activation_checkpointing.py
+    "$PY" -m pytest -q -p no:cacheprovider tests/training/test_memory.py
 fi
 BENCH=("$PY" benchmarks/train_step.py --shape llama3-8b --device cuda --batch-size 16 --steps 4 --warmup 1
        --match-reference-memory)

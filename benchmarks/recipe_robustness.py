@@ -36,7 +36,8 @@ FELL_BELOW = 0.5
 def worker(run_dir: Path) -> None:
     import torch
 
-    from circuit_breakers.config import RRConfig, atomic_write_text
+    from circuit_breakers.atomic import atomic_write_text
+    from circuit_breakers.config import RRConfig
     from circuit_breakers.evaluation.diagnostics import breaker_verdict, heldout_cosines
     from circuit_breakers.models import load_model
     from circuit_breakers.training import RRTrainer
@@ -272,8 +273,7 @@ def main() -> None:
         return worker(Path(args.worker))
     if args.hidden:
         return hidden_worker(Path(args.hidden), args.config, overrides)
-    from circuit_breakers.cli import recipe_path
-    from circuit_breakers.config import RRConfig
+    from circuit_breakers.config import RRConfig, recipe_path
 
     args.config = str(recipe_path(args.config))
     RRConfig.load(args.config, overrides)  # a bad key fails here, not in every worker

@@ -61,7 +61,7 @@ def test_recipe_robustness_on_a_tiny_model(tmp_path, chat_tokenizer):
 
     import yaml
 
-    from .conftest import make_tiny_model
+    from .helpers import make_tiny_model
 
     original = tmp_path / "tiny"
     make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=3).save_pretrained(original)

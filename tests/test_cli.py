@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from circuit_breakers.cli import main, recipe_path
-from circuit_breakers.config import RRConfig
+from circuit_breakers.cli import main
+from circuit_breakers.config import RRConfig, recipe_path
 from circuit_breakers.data import write_jsonl
 
 

@@ -3,6 +3,7 @@
 Training is skipped (OUT/config.yaml matches, so the demo reuses OUT/model), and the evaluation runs
 every attack of the demo at a shrunken budget, so the whole file takes seconds.
 """
+import dataclasses
 import json
 
 import pytest
@@ -11,10 +12,10 @@ from circuit_breakers import demo
 from circuit_breakers.cli import make_parser
 from circuit_breakers.config import RRConfig
 
-from .conftest import make_tiny_model
+from .helpers import make_tiny_model
 
-TINY_BUDGET = demo.DemoEvalBudget(
-    behaviors=3, optimised_behaviors=2, max_new_tokens=4, capability_prompts=2, diagnostics_items=2,
+TINY_BUDGET = dataclasses.replace(
+    demo.DEMO_EVAL, behaviors=3, optimised_behaviors=2, max_new_tokens=4, capability_prompts=2, diagnostics_items=2,
     attacks={
         "direct": {},
         "prefilling": {},
@@ -187,3 +188,30 @@ def test_trained_with_treats_missing_keys_as_defaults(tmp_path):
 def test_side_by_side_labels_say_when_an_output_attempted_the_task():
     assert demo._shown("benign answer", True) == "benign answer, attempted"
     assert demo._shown("harmful", True) == "harmful" and demo._shown("broken-down", False) == "broken-down"
+
+
+def test_demo_subcommand_lives_beside_the_demo(monkeypatch):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    demo.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["demo", "--out", "o", "--retrain", "--judge-agreement", "steps=3"])
+    assert (args.out, args.config, args.retrain, args.no_eval, args.judge_agreement, args.overrides) == \
+        ("o", "smollm2-135m", True, False, True, ["steps=3"])
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda config, out, **kw: calls.append((config, out, kw)))
+    assert demo.run(args) == 0
+    config, out, kw = calls[0]
+    assert config.steps == 3 and out == "o" and kw == {"retrain": True, "evaluate": True, "judge_agreement": True}
+
+
+def test_the_demo_evaluates_through_the_pipeline_only():
+    """One orchestration of the evaluation: the demo calls evaluation.pipeline, never the attacks or capability."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(demo.__file__).read_text())
+    imported = {("." * n.level) + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in imported if m.lstrip(".").startswith(("attacks", "evaluation.capability",
+                                                                 "evaluation.harness"))}
+    assert ".evaluation.pipeline" in imported

@@ -10,7 +10,7 @@ from circuit_breakers import generation
 from circuit_breakers.cli import main
 from circuit_breakers.generation import chat_prompt, generate, use_vllm
 
-from .conftest import make_tiny_model
+from .helpers import make_tiny_model
 
 CONVERSATIONS = [[{"role": "user", "content": "How do I bake bread?"}],
                  [{"role": "user", "content": "Explain the water cycle in three short sentences."}]]

@@ -11,7 +11,7 @@ from circuit_breakers.hidden import capture_hidden_states
 from circuit_breakers.models import (Architecture, ModelError, cache_dir, drop_blocks_after, find_architecture,
                                      load_model, resolve_dtype, resolve_model_path)
 
-from .conftest import make_tiny_model
+from .helpers import make_tiny_model
 
 
 def _tiny_gpt2(vocab_size: int = 64):

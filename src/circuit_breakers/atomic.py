@@ -11,18 +11,25 @@ Every module that writes a result uses these; none renames by hand.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
-def _ordinary_permissions(path: str | Path, mode: int) -> None:
-    """mkstemp/mkdtemp make private entries; the result should look like any other file or directory."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
+def _create_beside(target: Path, create: Callable[[Path], None]) -> Path:
+    """A new hidden sibling of `target`, made by `create`. Not mkstemp/mkdtemp: they make private entries,
+    and widening those needs os.umask(0), which would change the umask of every thread for a moment.
+    os.open/os.mkdir with ordinary modes let the kernel apply the umask, as for any other file."""
+    for _ in range(100):
+        path = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            create(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{target.parent}: no free temporary name beside {target.name}")
 
 
 def fsync_path(path: Path) -> None:
@@ -57,41 +64,55 @@ def atomic_file(target: str | os.PathLike, *, fsync: bool = False) -> Iterator[P
     """Yields a temporary path beside `target`; on success it replaces `target`, on error it is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _create_beside(target, lambda path: os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
     try:
-        yield Path(tmp)
-        _ordinary_permissions(tmp, 0o666)
+        yield tmp
         if fsync:
-            fsync_path(Path(tmp))
+            fsync_path(tmp)
         os.replace(tmp, target)
         if fsync:
             _fsync_directory(target.parent)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 @contextmanager
 def atomic_directory(target: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]:
-    """Yields an empty temporary directory beside `target`; on success it replaces `target` (an old
-    `target` is removed first), on error it is removed."""
+    """Yields an empty temporary directory beside `target`; on success it replaces `target`, on error it
+    is removed. A directory cannot be renamed over a full one, so an old `target` is first renamed aside
+    and deleted only once the new one is in place: an error or a kill never loses both."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    tmp = _create_beside(target, lambda path: os.mkdir(path, 0o777))
     try:
         yield tmp
-        _ordinary_permissions(tmp, 0o777)
         if fsync:
             fsync_path(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        aside = None
+        if target.exists() or target.is_symlink():
+            aside = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
+            os.replace(target, aside)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if aside is not None:
+                os.replace(aside, target)
+            raise
         if fsync:
             _fsync_directory(target.parent)
+        if aside is not None:
+            _remove(aside)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

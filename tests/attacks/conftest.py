@@ -1,11 +1,11 @@
-"""Fixtures for the attack tests: tiny random models (tests/conftest.py), one CPU thread."""
+"""Fixtures for the attack tests: tiny random models (tests/helpers.py), one CPU thread."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from circuit_breakers.attacks.base import Behavior
-from ..conftest import make_chat_tokenizer, make_tiny_model
+from ..helpers import make_chat_tokenizer, make_tiny_model
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ from circuit_breakers.attacks._common import PrefixCache, slot_prompt, target_lo
 from circuit_breakers.attacks.base import budget_of
 from circuit_breakers.attacks.gcg import GCG, GCGConfig
 
-from ..conftest import make_tiny_model
+from ..helpers import make_tiny_model
 
 
 def _cfg(**kw):

@@ -8,7 +8,7 @@ from circuit_breakers.attacks.refusal_direction import (RefusalAblation, Refusal
 from circuit_breakers.hidden import capture_hidden_states
 from circuit_breakers.models import find_architecture
 
-from ..conftest import make_tiny_model
+from ..helpers import make_tiny_model
 
 
 def _inputs(tok):

@@ -8,7 +8,7 @@ from circuit_breakers.evaluation.capability import (answer_agreement, capability
                                                     lm_eval_command, token_f1)
 from circuit_breakers.evaluation.diagnostics import representation_report
 
-from ..conftest import make_tiny_model
+from ..helpers import make_tiny_model
 
 
 def test_token_f1_and_agreement():

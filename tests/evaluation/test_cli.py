@@ -5,7 +5,7 @@ import pytest
 
 from circuit_breakers.cli import main, make_parser
 
-from ..conftest import make_tiny_model
+from ..helpers import make_tiny_model
 
 
 def test_parser_defaults_to_run_and_has_judge_agreement():
@@ -36,9 +36,9 @@ def test_judge_agreement_command(tmp_path, capsys):
 
 
 def test_eval_run_end_to_end(tmp_path, chat_tokenizer, capsys):
-    attacks = pytest.importorskip("circuit_breakers.attacks")
-    if "direct" not in getattr(attacks, "ATTACKS", {}):
-        pytest.skip("attacks registry not there yet")
+    from circuit_breakers.attacks import ATTACKS
+
+    assert "direct" in ATTACKS
     path = tmp_path / "tiny"
     make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=2).save_pretrained(path)
     chat_tokenizer.save_pretrained(path)
@@ -56,3 +56,54 @@ def test_eval_run_end_to_end(tmp_path, chat_tokenizer, capsys):
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
     assert "ASR" in capsys.readouterr().out
     assert main(["eval", "--model", str(path), "--out", str(out), "--attacks", "nope"]) == 2
+
+
+def _tiny_checkpoint(tmp_path, chat_tokenizer):
+    path = tmp_path / "tiny"
+    make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=2).save_pretrained(path)
+    chat_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_attack_overrides_reach_the_results_budgets(tmp_path, chat_tokenizer):
+    path = _tiny_checkpoint(tmp_path, chat_tokenizer)
+    out = tmp_path / "out"
+    code = main(["eval", "--model", str(path), "--attacks", "direct,prefilling", "--limit", "1", "--max-new-tokens",
+                 "3", "--attack", "prefilling.max_new_tokens=2", "--attack", "direct.batch_size=4", "--no-capability",
+                 "--no-diagnostics", "--out", str(out), "--no-progress"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["attacks"]["prefilling"]["budget"]["max_new_tokens"] == 2  # an attack's own setting wins
+    assert results["asr"]["model"]["prefilling"]["max_new_tokens"] == 2
+    assert results["attacks"]["direct"]["budget"] == {**results["attacks"]["direct"]["budget"], "batch_size": 4,
+                                                      "max_new_tokens": 3}
+    assert results["eval_config"]["attacks"] == {"direct": {"batch_size": 4}, "prefilling": {"max_new_tokens": 2}}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--attack", "gcgg.num_steps=5"], "unknown attack 'gcgg'; valid attacks: direct, prefilling, templates"),
+    (["--attack", "direct.steps=5"], "direct: unknown field(s) steps; valid fields of direct: max_new_tokens, "
+                                     "batch_size, system_prompt"),
+    (["--attack", "direct.batch_size=big"], "direct.batch_size: expected int, got 'big'"),
+    (["--attacks", "direct,nope"], "unknown attack 'nope'; valid attacks: direct"),
+    (["--eval-config", "nope"], "no shipped eval config of that name (paper, quick)"),
+])
+def test_bad_budgets_fail_before_any_model_loads(flags, message, capsys):
+    assert main(["eval", "--model", "no/such/model", "--out", "o", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_flags_given_replace_the_eval_configs_settings():
+    from circuit_breakers.evaluation.cli import _eval_config
+
+    def config(*flags):
+        return _eval_config(make_parser().parse_args(["eval", "--model", "m", "--out", "o", *flags]))
+
+    quick = config("--eval-config", "quick")
+    assert quick.judge == "fitted" and quick.behaviors == 12 and quick.attacks["gcg"]["num_steps"] == 3
+    assert config("--eval-config", "quick", "--judge", "heuristic").judge == "heuristic"  # given, if the default
+    chosen = config("--eval-config", "quick", "--attacks", "direct,gcg", "--limit", "2", "--attack", "gcg.topk=8")
+    assert list(chosen.attacks) == ["direct", "gcg"] and chosen.attacks["gcg"]["num_steps"] == 3
+    assert chosen.attacks["gcg"]["topk"] == 8 and chosen.behaviors == chosen.capability_prompts == 2
+    plain = config()  # no eval config: the flags' defaults, as before
+    assert plain.attacks == {"direct": {}} and plain.judge == "heuristic" and plain.max_new_tokens is None

@@ -3,7 +3,7 @@ import pytest
 
 from circuit_breakers.evaluation.diagnostics import breaker_verdict, heldout_cosines
 
-from ..conftest import make_tiny_model
+from ..helpers import make_tiny_model
 
 
 def _cosines(harmful: dict, benign: float, borderline: float) -> dict:

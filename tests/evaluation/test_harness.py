@@ -144,10 +144,9 @@ def test_same_seed_same_samples(tmp_path):
 
 
 def test_direct_attack_from_the_registry(tmp_path, chat_tokenizer):
-    attacks = pytest.importorskip("circuit_breakers.attacks")
-    if not hasattr(attacks, "make_attack"):
-        pytest.skip("attacks registry not there yet")
-    from ..conftest import make_tiny_model
+    from circuit_breakers import attacks
+
+    from ..helpers import make_tiny_model
 
     model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=2)
     direct = attacks.make_attack("direct", max_new_tokens=4)

@@ -90,7 +90,7 @@ def test_fit_learns_the_classes_and_records_its_split(tmp_path):
 def test_judge_agreement_reports_the_fitted_judge_on_held_out_labels_only(tmp_path, capsys, chat_tokenizer):
     from circuit_breakers.cli import main
 
-    from ..conftest import make_tiny_model
+    from ..helpers import make_tiny_model
 
     original = tmp_path / "original"  # the perplexity reference: any causal LM with the same tokenizer
     make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=2).save_pretrained(original)

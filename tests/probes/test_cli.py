@@ -4,7 +4,7 @@ import json
 from circuit_breakers.cli import main
 from circuit_breakers.data import write_jsonl
 
-from ..conftest import make_tiny_model
+from ..helpers import make_tiny_model
 
 
 def _data(tmp_path):

@@ -10,7 +10,7 @@ from circuit_breakers.probes.evaluate import evaluate_probe, response_logits
 from circuit_breakers.probes.splits import item_key, item_keys
 from circuit_breakers.probes.train import train_probe
 
-from ..conftest import make_tiny_model
+from ..helpers import make_tiny_model
 
 WORDS = ["bread", "water", "cycle", "recipe", "simple", "sorry", "request", "sentences", "explain", "help"]
 

@@ -61,3 +61,21 @@ def test_report_from_a_results_file_with_missing_sections(tmp_path):
     text = md.read_text()
     assert "not measured" in text and "No hand-labelled set given" in text
     assert page.read_text().count("data:image/png;base64,") == 1
+
+
+def test_asr_figures_have_one_formatter():
+    """The report, the eval summary and the demo's table print an ASR entry the same way."""
+    from circuit_breakers.demo import eval_report
+    from circuit_breakers.evaluation.cli import summary
+    from circuit_breakers.evaluation.stats import asr_text
+    from circuit_breakers.reports.render import build_blocks
+
+    entry = _entry(0.5)
+    assert asr_text(entry) == "50.0% [30.0, 70.0]" and asr_text(entry, with_n=True) == "50.0% [30.0, 70.0] n=10"
+    assert asr_text(None) == "n/a" and asr_text({**entry, "asr": None}) == "n/a"
+    assert asr_text(entry, "complied") == "n/a"  # an entry from before the two rates: harmful only
+    table = next(b for b in build_blocks(full_results()) if b.kind == "table")
+    assert asr_text(entry) in table.rows[0]
+    assert f"harmful {asr_text(entry)}  n=10" in summary(full_results())
+    cells = {"asr": {"direct": {"before": entry, "after": _entry(0.1)}}, "dir": "d", "seconds": 1, "judge": "j"}
+    assert f"{asr_text(entry, with_n=True):<30} {asr_text(_entry(0.1), with_n=True)}" in eval_report(cells)

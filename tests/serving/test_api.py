@@ -5,7 +5,7 @@ import httpx
 
 from circuit_breakers.generation import generate
 
-from .conftest import HUMAN, MODEL, assert_error, chat, parse_sse, streamed_text
+from ..helpers import HUMAN, MODEL, assert_error, chat, parse_sse, streamed_text
 
 
 def test_health(client):

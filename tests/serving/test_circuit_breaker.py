@@ -5,10 +5,9 @@ agree with `circuit_breakers.probes.monitor.monitored_generate_batch` (text, tri
 """
 import pytest
 
-from .conftest import HUMAN, MODEL, chat, parse_sse, probe_for, streamed_text, threshold_tripping_at
+from circuit_breakers.probes.monitor import monitored_generate_batch
 
-pytest.importorskip("circuit_breakers.probes.monitor", reason="the probe monitor is not installed")
-from circuit_breakers.probes.monitor import monitored_generate_batch  # noqa: E402
+from ..helpers import HUMAN, MODEL, chat, parse_sse, probe_for, streamed_text, threshold_tripping_at
 
 REFUSAL = "I won't help with that."
 N = 10

@@ -1,7 +1,7 @@
 """The official `openai` client against a real uvicorn server on 127.0.0.1."""
 import pytest
 
-from .conftest import HUMAN, MODEL
+from ..helpers import HUMAN, MODEL
 
 openai = pytest.importorskip("openai")
 

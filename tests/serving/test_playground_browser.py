@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import probe_for
+from ..helpers import probe_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -4,8 +4,7 @@ import pytest
 from circuit_breakers.cli import main, make_parser
 from circuit_breakers.serving.cli import model_name_for
 
-from ..conftest import make_tiny_model
-from .conftest import HUMAN, assert_error
+from ..helpers import HUMAN, assert_error, make_tiny_model
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from .conftest import HUMAN, MODEL, assert_error, chat
+from ..helpers import HUMAN, MODEL, assert_error, chat
 
 OK = {"model": MODEL, "messages": HUMAN, "max_tokens": 4}
 

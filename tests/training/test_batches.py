@@ -5,8 +5,7 @@ import torch
 from circuit_breakers.data import TokenizedExample
 from circuit_breakers.training.batches import TextCollator, batch_indices, make_batch, stack_batches
 
-from ..helpers import make_tiny_model
-from ..test_training import _items, _trainer
+from ..helpers import make_tiny_model, tiny_trainer
 
 
 def _examples(lengths):
@@ -58,7 +57,7 @@ def test_a_collators_extra_inputs_reach_the_decoder_in_both_passes(chat_tokenize
     seen = []
     model.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append("position_ids" in kwargs),
                                           with_kwargs=True)
-    trainer = _trainer(model, chat_tokenizer, steps=2, target_layers=[2, 3], frozen_cache_gb=0.0,
+    trainer = tiny_trainer(model, chat_tokenizer, steps=2, target_layers=[2, 3], frozen_cache_gb=0.0,
                        joint_frozen_pass=joint_frozen_pass)
     trainer.collator = collator = PositionIdsCollator(chat_tokenizer.pad_token_id)
     log = trainer.train().log
@@ -73,7 +72,7 @@ def test_explicit_position_ids_give_the_losses_of_implicit_ones(chat_tokenizer):
     logs = []
     for collator in (None, PositionIdsCollator(chat_tokenizer.pad_token_id)):
         model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4)
-        trainer = _trainer(model, chat_tokenizer, steps=2, target_layers=[2, 3], lora_dropout=0.0)
+        trainer = tiny_trainer(model, chat_tokenizer, steps=2, target_layers=[2, 3], lora_dropout=0.0)
         if collator is not None:
             trainer.collator = collator
         logs.append(trainer.train().log)

@@ -1,5 +1,5 @@
 """The parallel strategies' contract (training/parallel.py, zero.py) and the frozen-cache segments,
-without launching processes (tests/test_distributed.py and test_deepspeed_engine.py launch them)."""
+without launching processes (tests/training/test_parallel.py and test_zero.py launch them)."""
 from pathlib import Path
 
 import pytest

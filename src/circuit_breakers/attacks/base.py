@@ -11,20 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
-
-@dataclass(frozen=True)
-class Behavior:
-    """A harmful behaviour to elicit (HarmBench's unit)."""
-
-    id: str
-    request: str
-    context: str | None = None  # HarmBench contextual behaviours
-    target: str = ""  # affirmative target ("Sure, here's ..."), for optimisation attacks and prefilling
-    category: str | None = None
-
-    def user_message(self) -> str:
-        """The request as HarmBench places it: the context first, then a separator."""
-        return f"{self.context}\n\n---\n\n{self.request}" if self.context else self.request
+# Re-exported: attacks take behaviours, and their callers import it from here.
+from ..data.schema import Behavior
 
 
 @dataclass

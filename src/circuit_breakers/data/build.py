@@ -16,12 +16,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import atomic_write_text
+from ..atomic import atomic_write_text
 from ..generation import generate
-from ..judges.refusal import is_refusal
 from .builtin import PROMPT_SETS, affirmative_starts, builtin_prompts, refusal_texts
 from .formatting import refusal_examples
 from .loaders import write_jsonl
+from .refusal import is_refusal
 from .schema import Example
 
 

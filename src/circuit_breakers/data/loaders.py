@@ -9,11 +9,11 @@ import io
 import itertools
 import json
 import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ..atomic import atomic_file
 from .schema import DataError, Example, example_from_record
 
 SUPPORTED = ('".jsonl", ".json", ".csv", a directory written by datasets save_to_disk, '
@@ -188,17 +188,7 @@ def load_examples(spec: str | os.PathLike, *, response_field: str | None = None,
 
 def write_jsonl(path: str | os.PathLike, examples: Iterable[Example | dict]) -> None:
     """Write records as JSONL atomically: readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for item in examples:
-                record = item.to_json() if isinstance(item, Example) else item
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path, fsync=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for item in examples:
+            record = item.to_json() if isinstance(item, Example) else item
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")

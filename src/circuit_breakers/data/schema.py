@@ -18,6 +18,9 @@ Field names of the reference repository are accepted as aliases: ``prompt`` and
 ``response`` only when ``response_field="llama3_output"`` is asked for. Any other
 extra field is ignored. The same schema applies to ``.json``, ``.csv`` and
 ``datasets`` rows; see docs/data.md.
+
+``Behavior`` (a harmful request to elicit, HarmBench's unit) lives here too, below the attacks that
+take it and the judges that judge against it.
 """
 from __future__ import annotations
 
@@ -31,6 +34,21 @@ RESPONSE_ALIASES = ("response", "output")
 
 class DataError(ValueError):
     """Bad input data; the message names the file, the line or row, and the field."""
+
+
+@dataclass(frozen=True)
+class Behavior:
+    """A harmful behaviour to elicit (HarmBench's unit): what attacks take and judges judge against."""
+
+    id: str
+    request: str
+    context: str | None = None  # HarmBench contextual behaviours
+    target: str = ""  # affirmative target ("Sure, here's ..."), for optimisation attacks and prefilling
+    category: str | None = None
+
+    def user_message(self) -> str:
+        """The request as HarmBench places it: the context first, then a separator."""
+        return f"{self.context}\n\n---\n\n{self.request}" if self.context else self.request
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..attacks.base import Behavior
+from ..data.schema import Behavior
 from ..data.loaders import jsonl_objects
 from ..data.schema import DataError
 from ..judges.base import ERROR, LABELS

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from ..attacks.base import Behavior
+from ..data.schema import Behavior
 from ..data.loaders import jsonl_objects, read_text
 from ..data.schema import DataError
 

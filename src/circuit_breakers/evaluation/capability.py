@@ -170,5 +170,4 @@ def capability_report(model, tokenizer, baseline=None, *, limit: int | None = No
         report["lm_eval"] = {"skipped": why, "command": lm_eval_command(model_dir or "OUT/model", tasks)}
     if samples_out is not None:
         write_jsonl(samples_out, samples)
-        Path(samples_out).chmod(0o644)  # the temporary file of an atomic write is private
     return report

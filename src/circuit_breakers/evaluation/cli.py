@@ -1,6 +1,8 @@
 """`circuit-breakers eval`: attack, judge, measure capability, write results.json and a report.
 
     circuit-breakers eval --model OUT/model --baseline smollm2-135m --attacks direct,prefilling --out runs/eval
+    circuit-breakers eval --eval-config quick --attack gcg.num_steps=50 --model OUT/model --baseline smollm2-135m \
+        --out runs/eval
     circuit-breakers eval judge-agreement [--labels labels.jsonl] [--model smollm2-135m] [--judge harmbench
         --judge-model URL] [--all-labels] [--out DIR]
     circuit-breakers eval fit-judge [--labels labels.jsonl] [--model smollm2-135m] [--out params.json]
@@ -11,6 +13,11 @@ reference of the heuristic and fitted judges (smollm2-135m for the shipped set).
 hold the fitted judge's fit part, every judge is measured on the held-out part only, unless
 --all-labels (then the fitted judge's figures are marked in-sample). fit-judge refits the fitted
 judge on the fit part (split by request, fixed seed) and prints every judge on the held-out part.
+
+The budget (evaluation/pipeline.py: EvalConfig) comes from --eval-config (a YAML file, or a shipped one:
+quick = the demo's, paper = the published settings), else the defaults (direct, heuristic judge); the
+flags given on the command line (--attacks, --judge, --limit, --max-new-tokens, ...) replace its settings,
+and each `--attack NAME.FIELD=VALUE` sets one field of one attack's config on top (values as YAML).
 
 Only argparse is imported at registration; models, torch and the attacks load inside `run`.
 """
@@ -23,13 +30,23 @@ import sys
 from pathlib import Path
 
 from ..judges.base import MEASURES
-from .stats import rate_of, rate_text
+from .pipeline import shipped_eval_configs
+from .stats import asr_text, rate_of
 
 JUDGE_CHOICES = ("refusal", "heuristic", "fitted", "harmbench", "llm")
 ACTIONS = ("run", "judge-agreement", "fit-judge")
 # The shipped hand-labelled outputs of the embedded default (before and after RR; see its README.md).
 BUILTIN_LABELS = Path(__file__).parent / "hand_labels" / "smollm2-135m.jsonl"
 SECOND_LABELS = BUILTIN_LABELS.with_name("second_labeller.jsonl")  # an independent labeller's, on a sample
+
+
+class _Given(argparse.Action):
+    """Stores the value and notes that it was given: an --eval-config's setting yields to a flag given, not to
+    the flag's default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
 
 
 def register(subparsers) -> None:
@@ -43,8 +60,16 @@ def register(subparsers) -> None:
     p.add_argument("--baseline", help="the original model, evaluated too (\"before\") and used as reference")
     p.add_argument("--behaviors", help="HarmBench .csv or project .jsonl (default: the built-in harmful test split)")
     p.add_argument("--targets", help="JSON {BehaviorID: target} (HarmBench's targets file)")
-    p.add_argument("--attacks", default="direct", help="comma-separated attack names (default: direct)")
-    p.add_argument("--judge", choices=JUDGE_CHOICES, default="heuristic", help="default: heuristic")
+    p.add_argument("--eval-config", metavar="NAME_OR_YAML",
+                   help=f"the evaluation's budget: a YAML file or a shipped one ({', '.join(shipped_eval_configs())}); "
+                        "the flags below given on the command line replace its settings")
+    p.add_argument("--attacks", default="direct", action=_Given,
+                   help="comma-separated attack names (default: the eval config's, else direct)")
+    p.add_argument("--attack", action="append", default=[], metavar="NAME.FIELD=VALUE",
+                   help="one field of one attack's config, on top of the eval config (repeatable): "
+                        "gcg.num_steps=50, templates.names=[prefix_injection]")
+    p.add_argument("--judge", choices=JUDGE_CHOICES, default="heuristic", action=_Given,
+                   help="default: the eval config's, else heuristic")
     p.add_argument("--judge-model", help="harmbench: classifier path or URL[#MODEL]; llm: URL[#MODEL]")
     p.add_argument("--limit", type=int, help="at most N behaviours (and N prompts per capability set)")
     p.add_argument("--max-new-tokens", type=int, help="generation length for the attacks that have one")
@@ -53,7 +78,7 @@ def register(subparsers) -> None:
                                     "defaults to the shipped set of smollm2-135m outputs")
     p.add_argument("--all-labels", action="store_true",
                    help="judge-agreement: also the fitted judge's fit part (its figures are then in-sample)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, action=_Given)
     p.add_argument("--no-resume", action="store_true", help="discard OUT/samples.jsonl and start again")
     p.add_argument("--judge-full-turn", action="store_true",
                    help="judge the whole assistant turn, prefill included (default: the model's continuation)")
@@ -104,113 +129,84 @@ def run(args) -> int:
         return _error(str(err))
 
 
-def _load_attacks(names: list[str], max_new_tokens: int | None):
-    """Attacks by registry name; --max-new-tokens goes to those whose config has the field.
-    PAIR's judge-in-the-loop is set by `evaluate` (the run's judge)."""
-    try:
-        from ..attacks import ATTACKS, config_fields, make_attack
-    except ImportError as err:
-        raise ValueError(f"the attacks package is not available ({err})") from None
-    unknown = [n for n in names if n not in ATTACKS]
-    if unknown:
-        raise ValueError(f"unknown attack(s) {', '.join(unknown)}; available: {', '.join(sorted(ATTACKS))}")
-    attacks = []
-    for name in names:
-        budget = {"max_new_tokens": max_new_tokens} if max_new_tokens and "max_new_tokens" in config_fields(name) else {}
-        attacks.append(make_attack(name, **budget))
-    return attacks
+def _eval_config(args):
+    """The run's EvalConfig: --eval-config (or the defaults), the flags given, then the --attack settings."""
+    import dataclasses
 
+    from .pipeline import EvalConfig, load_eval_config
 
-def _same_vocab(a, b) -> bool:
-    return a is b or a.get_vocab() == b.get_vocab()
+    config = load_eval_config(args.eval_config) if args.eval_config else EvalConfig()
+    given = getattr(args, "given", frozenset())
+    changes: dict = {}
+    if "attacks" in given:
+        names = [n.strip() for n in args.attacks.split(",") if n.strip()]
+        if not names:
+            raise ValueError("--attacks: give at least one attack name")
+        changes["attacks"] = {name: config.attacks.get(name, {}) for name in names}
+    if "judge" in given:
+        changes["judge"] = args.judge
+    if "seed" in given:
+        changes["seed"] = args.seed
+    if args.judge_model:
+        changes["judge_model"] = args.judge_model
+    if args.limit is not None:  # behaviours, and prompts per capability set and diagnostics set
+        changes.update(behaviors=args.limit, capability_prompts=args.limit, diagnostics_items=args.limit)
+    if args.max_new_tokens is not None:
+        changes["max_new_tokens"] = args.max_new_tokens
+    if args.judge_full_turn:
+        changes["judge_full_turn"] = True
+    if args.no_capability:
+        changes["capability"] = False
+    if args.no_diagnostics:
+        changes["diagnostics"] = False
+    if args.lm_eval_tasks:
+        changes["lm_eval_tasks"] = args.lm_eval_tasks.split(",")
+    return dataclasses.replace(config, **changes).with_attack_overrides(args.attack)
 
 
 def _run(args) -> int:
     if not args.model or not args.out:
         return _error("eval needs --model and --out")
-    from ..judges import make_judge
     from ..models import load_model
-    from ..reports import write_report
     from .behaviors import load_behaviors
-    from .harness import evaluate, write_results
+    from .pipeline import run_evaluation
+    from .sharding import init_shard_processes
 
-    names = [n.strip() for n in args.attacks.split(",") if n.strip()]
-    if not names:
-        return _error("--attacks: give at least one attack name")
     try:
-        attacks = _load_attacks(names, args.max_new_tokens)
+        config = _eval_config(args)  # before any model loads: a bad budget fails in a second
     except ValueError as err:
         return _error(str(err))
-    behaviors = load_behaviors(args.behaviors, targets=args.targets, limit=args.limit)
-    from .sharding import init_shard_processes
+    behaviors = load_behaviors(args.behaviors, targets=args.targets)
     rank, world = init_shard_processes()  # under a launcher: join the others, take this process's GPU
     try:
         backend = _choose_generation_backend(args, world)
     except ValueError as err:
         return _error(str(err))
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    baseline = None
-    if args.baseline:
-        base_model, base_tok = load_model(args.baseline, dtype=args.dtype, device=args.device)
-        baseline = (base_model, base_tok)
+    baseline = load_model(args.baseline, dtype=args.dtype, device=args.device) if args.baseline else None
     if backend == "vllm":  # each model's text generation through a vLLM engine of the same checkpoint
         from ..generation import use_vllm
         from ..models import resolve_model_path
 
         for m, spec in [(model, args.model)] + ([(baseline[0], args.baseline)] if baseline else []):
             dtype = str(next(m.parameters()).dtype).removeprefix("torch.")  # the torch model's, as resolved
-            use_vllm(m, resolve_model_path(spec), dtype=dtype, gpu_memory_utilization=args.vllm_memory, seed=args.seed)
-    reference = baseline if baseline is not None else (model, tokenizer)
-    judge = make_judge(args.judge, args.judge_model,
-                       reference=reference if args.judge in ("heuristic", "fitted") else None)
+            use_vllm(m, resolve_model_path(spec), dtype=dtype, gpu_memory_utilization=args.vllm_memory,
+                     seed=config.seed)
     out = Path(args.out)
     run_info = {"model": args.model, "baseline": args.baseline, "behaviors": args.behaviors or "builtin (harmful test)",
-                "targets": args.targets, "attacks": names, "limit": args.limit,
-                "judged": "whole turn" if args.judge_full_turn else "model's continuation (prefill excluded)",
+                "targets": args.targets, "attacks": list(config.attacks), "limit": config.behaviors,
+                "judged": "whole turn" if config.judge_full_turn else "model's continuation (prefill excluded)",
                 "generation": backend,
                 "command": " ".join(sys.argv)}
-    options = dict(baseline=baseline, seed=args.seed, resume=not args.no_resume, progress=not args.no_progress,
-                   extra={"run": run_info}, judge_full_turn=args.judge_full_turn)
-    if world > 1:  # behaviours shared out over the processes, merged by rank 0, which does the rest alone
-        from .sharding import evaluate_sharded
-        results = evaluate_sharded(model, tokenizer, behaviors, attacks, judge, out, rank=rank, world=world, **options)
-        if rank != 0:
-            return 0
-    else:
-        results = evaluate(model, tokenizer, behaviors, attacks, judge, out, **options)
-
-    comparable = baseline is not None and _same_vocab(tokenizer, baseline[1])
-    if not args.no_capability:
-        from .capability import capability_report
-
-        results["capability"] = capability_report(
-            model, tokenizer, baseline[0] if comparable else None, limit=args.limit,
-            max_new_tokens=args.max_new_tokens or 64, progress=not args.no_progress,
-            model_dir=args.model if Path(args.model).is_dir() else None,
-            baseline_dir=args.baseline if args.baseline and Path(args.baseline).is_dir() else None,
-            lm_eval_tasks=args.lm_eval_tasks.split(",") if args.lm_eval_tasks else None,
-            samples_out=out / "capability_samples.jsonl")
-    if args.no_diagnostics:
-        results["diagnostics"] = {"skipped": "--no-diagnostics"}
-    elif not comparable:
-        results["diagnostics"] = {"skipped": "needs --baseline with the same tokenizer"}
-    else:
-        from .diagnostics import representation_report
-
-        results["diagnostics"] = representation_report(model, baseline[0], tokenizer, limit=args.limit)
-        layers = _trained_target_layers(args.model)
-        if layers:
-            results["diagnostics"]["target_layers"] = layers
-    if args.labels:
-        from .agreement import judge_agreement, load_labelled
-
-        judges = {"refusal": make_judge("refusal"), "heuristic": make_judge("heuristic", reference=reference)}
-        judges[judge.name] = judge
-        results["judge_agreement"] = judge_agreement(load_labelled(args.labels), judges)
-    write_results(out, results)
-    md, page = write_report(results, out)
+    results = run_evaluation(
+        model, tokenizer, config, out, baseline=baseline, behaviors=behaviors, labels=args.labels,
+        target_layers=_trained_target_layers(args.model), model_dir=args.model if Path(args.model).is_dir() else None,
+        baseline_dir=args.baseline if args.baseline and Path(args.baseline).is_dir() else None, run_info=run_info,
+        resume=not args.no_resume, shard=(rank, world), progress=not args.no_progress)
+    if results is None:  # another process of a sharded run: rank 0 writes the results
+        return 0
     print(summary(results))
-    print(f"wrote {out}/results.json, {out}/samples.jsonl, {md}, {page}")
+    print(f"wrote {out}/results.json, {out}/samples.jsonl, {out}/report.md, {out}/report.html")
     return 0
 
 
@@ -233,8 +229,9 @@ def summary(results: dict) -> str:
              "(ASR: share of behaviours with a sample that complied / was harmful; Wilson 95% CI)"]
     for model, attacks in results["asr"].items():
         for attack, e in attacks.items():
-            measured = [m for m in MEASURES if rate_of(e, m)] or [e.get("asr_means", "harmful")]
-            cells = "  ".join(f"{m} {rate_text(rate_of(e, m) or rate_of(e))}" for m in measured)
+            measured = [m for m in MEASURES if rate_of(e, m)]
+            cells = ("  ".join(f"{m} {asr_text(e, m)}" for m in measured)
+                     or f"{e.get('asr_means', 'harmful')} {asr_text(e)}")
             lines.append(f"  {model:<9} {attack:<20} {cells}  n={e['n']}  errors={e['errors']}")
     return "\n".join(lines)
 
@@ -292,7 +289,7 @@ def _judge_agreement(args) -> int:
         print(format_confusion(name, scores))
         print()
     if args.out:
-        from ..config import atomic_write_text
+        from ..atomic import atomic_write_text
         from ..reports import write_report
         from .harness import RESULTS_FILE, write_results
 
@@ -308,7 +305,7 @@ def _judge_agreement(args) -> int:
 
 
 def _fit_judge(args) -> int:
-    from ..config import atomic_write_text
+    from ..atomic import atomic_write_text
     from ..judges import make_judge
     from ..judges.fitted import DEFAULT_PARAMS, FittedJudge
     from .agreement import format_confusion, judge_agreement, load_labelled

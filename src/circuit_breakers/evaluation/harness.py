@@ -33,7 +33,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..attacks.base import AttackOutput, Behavior, budget_of
-from ..config import atomic_write_text
+from ..atomic import atomic_write_text
 from ..data.schema import DataError
 from ..judges.base import ERROR, LABELS, MEASURES, Verdict
 from .stats import wilson_interval
@@ -188,7 +188,6 @@ def _attack_budget(attack) -> dict:
 def write_results(out_dir: str | Path, results: dict) -> Path:
     path = Path(out_dir) / RESULTS_FILE
     atomic_write_text(path, json.dumps(results, indent=2, default=_jsonable) + "\n")
-    path.chmod(0o644)  # the temporary file of an atomic write is private
     return path
 
 
@@ -348,8 +347,14 @@ def _judge_and_write(outputs: list[AttackOutput], chunk: list[Behavior], by_id: 
 
 
 def build_results(records: list[dict], behaviors: Sequence[Behavior], attacks: list, judge, *, seed: int,
-                  models: list[str]) -> dict:
-    """results.json from the sample records: {"asr": {model: {attack: summary}}, "attacks": {...}, ...}."""
+                  models: list[str], attack_behaviors: dict[str, Sequence[Behavior]] | None = None,
+                  attack_models: dict[str, Sequence[str]] | None = None) -> dict:
+    """results.json from the sample records: {"asr": {model: {attack: summary}}, "attacks": {...}, ...}.
+
+    An attack run on fewer behaviours or models than the rest (the optimisation attacks of a small budget)
+    is scored on its own: `attack_behaviors[name]` (default `behaviors`), `attack_models[name]` (default
+    `models`); then `behaviors["per_attack"]` records each attack's count."""
+    attack_behaviors, attack_models = attack_behaviors or {}, attack_models or {}
     grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:
         grouped[(r["model"], r["attack"])].append(r)
@@ -374,17 +379,22 @@ def build_results(records: list[dict], behaviors: Sequence[Behavior], attacks: l
     for name in models:
         asr[name] = {}
         for attack_name, info in attack_info.items():
+            if name not in attack_models.get(attack_name, models):
+                continue
             if not grouped[(name, attack_name)] and attack_name not in {a.name for a in attacks}:
                 continue
-            summary = summarize(grouped[(name, attack_name)], behaviors, measures)
+            summary = summarize(grouped[(name, attack_name)], attack_behaviors.get(attack_name, behaviors), measures)
             summary.update(judge=judge_info["name"], budget=info["budget"], max_new_tokens=info["max_new_tokens"])
             asr[name][attack_name] = summary
+    behavior_info = {"n": len(behaviors), "ids": [b.id for b in behaviors]}
+    if attack_behaviors:
+        behavior_info["per_attack"] = {a.name: len(attack_behaviors.get(a.name, behaviors)) for a in attacks}
     return {
         "version": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seed": seed,
         "judge": judge_info,
-        "behaviors": {"n": len(behaviors), "ids": [b.id for b in behaviors]},
+        "behaviors": behavior_info,
         "models": models,
         "attacks": attack_info,
         "asr": asr,

@@ -81,7 +81,7 @@ def evaluate_sharded(model, tokenizer, behaviors, attacks: list, judge, out_dir,
     """`evaluate` on behaviours rank::world, then one merged samples.jsonl and results.json (see the module)."""
     import time
 
-    from ..config import atomic_write_text
+    from ..atomic import atomic_write_text
     from .harness import (BASELINE_NAME, MODEL_NAME, RESULTS_FILE, SAMPLES_FILE, build_results, evaluate,
                           write_results)
 
@@ -94,7 +94,6 @@ def evaluate_sharded(model, tokenizer, behaviors, attacks: list, judge, out_dir,
     if rank == 0:
         records = merge_samples(_sample_sources(out, world, resume))
         atomic_write_text(out / SAMPLES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        (out / SAMPLES_FILE).chmod(0o644)  # the temporary file of an atomic write is private
         models = [kwargs.get("model_name", MODEL_NAME)] + ([BASELINE_NAME] if kwargs.get("baseline") is not None else [])
         results = build_results(records, behaviors, attacks, judge, seed=kwargs.get("seed", 0), models=models)
         results["seconds"] = round(time.time() - started, 1)

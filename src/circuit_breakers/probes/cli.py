@@ -135,7 +135,7 @@ def _train(args) -> int:
 def _eval(args) -> int:
     import json
 
-    from ..config import atomic_write_text
+    from ..atomic import atomic_write_text
     from ..models import load_model
     from .evaluate import evaluate_probe
     from .probe import load_probe

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import atomic_write_text
+from ..atomic import atomic_write_text
 
 PROBE_KINDS = ("linear", "mlp")
 MLP_HIDDEN_SIZES = (64, 32)

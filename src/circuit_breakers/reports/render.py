@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import atomic_write_text
-from ..evaluation.stats import rate_of, rate_text
+from ..atomic import atomic_write_text
+from ..evaluation.stats import asr_text
 from ..judges.base import MEASURES
 from . import plots
 
@@ -99,7 +99,7 @@ def build_blocks(results: dict) -> list[Block]:
                              if checked else " (not validated)")
         row = [attack, judge_cell, str(entry.get("n")), _budget(entry.get("budget", {})),
                str(entry.get("samples_per_behavior")), str(entry.get("max_new_tokens") or "-")]
-        row += [rate_text(rate_of(asr[m][attack], measure)) if attack in asr[m] else "-"
+        row += [asr_text(asr[m][attack], measure) if attack in asr[m] else "-"
                 for measure in measures for m in ("baseline", "model") if m in asr]
         row += [", ".join(f"{m}: {asr[m][attack]['errors']}" for m in asr if attack in asr[m])]
         rows.append(row)
@@ -267,6 +267,4 @@ def write_report(results: dict | str | Path, out_dir: str | Path | None = None, 
     md, page = out / "report.md", out / "report.html"
     atomic_write_text(md, render_markdown(blocks, title))
     atomic_write_text(page, render_html(blocks, title))
-    for path in (md, page):
-        path.chmod(0o644)  # the temporary file of an atomic write is private
     return md, page

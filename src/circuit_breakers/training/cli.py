@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..config import ConfigError, RRConfig, parse_overrides, read_yaml, recipe_path
+from ..config import ConfigError, RRConfig, parse_overrides, read_yaml, recipe_path, shipped_yaml
 
 ACCELERATE_CONFIGS_DIR = Path(__file__).parent.parent / "accelerate_configs"
 
@@ -48,17 +48,7 @@ def run(args) -> int:
 
 def accelerate_config_path(name_or_path: str) -> Path:
     """A YAML path, or the name of an accelerate config shipped in the package (multi-gpu, fsdp, ...)."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"--accelerate-config {name_or_path}: no such file")
-        return path
-    shipped = ACCELERATE_CONFIGS_DIR / f"{name_or_path}.yaml"
-    if not shipped.is_file():
-        names = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS_DIR.glob("*.yaml")))
-        raise ConfigError(f"--accelerate-config {name_or_path}: no such file, and no shipped config of that name "
-                          f"({names})")
-    return shipped
+    return shipped_yaml(name_or_path, ACCELERATE_CONFIGS_DIR, "--accelerate-config", "config")
 
 
 def _strip_options(argv: list[str], options: tuple[str, ...]) -> list[str]:

@@ -7,33 +7,14 @@ import pytest
 import torch
 
 from circuit_breakers.config import ConfigError, RRConfig
-from circuit_breakers.data import ChatFormatter, Example, TokenizedExample, tokenize_examples
+from circuit_breakers.data import TokenizedExample
 from circuit_breakers.models import base_model_name
 from circuit_breakers.training import RRTrainer, batch_indices
 
-from .conftest import make_tiny_model
+from ..helpers import make_tiny_model, tiny_trainer
 
 LOG_KEYS = {"step", "c_s", "c_r", "retain_loss", "rerouting_loss", "cb_cos", "cb_cos_layers", "retain_cos",
             "grad_norm", "lr", "tokens_per_s"}
-
-
-def _items(tokenizer, n: int, *, harmful: bool):
-    fmt = ChatFormatter(tokenizer, 64)
-    if harmful:
-        examples = [Example(request=f"How do I bake bread {i}?",
-                            response="Sure, here is a simple recipe for bread. " * (1 + i % 3)) for i in range(n)]
-    else:
-        examples = [Example(request=f"Explain the water cycle {i}" + " in three short sentences" * (i % 2),
-                            response="I cannot help with that request.") for i in range(n)]
-    return tokenize_examples(examples, fmt)
-
-
-def _trainer(model, tokenizer, n_cb: int = 6, n_retain: int = 6, **overrides) -> RRTrainer:
-    settings = dict(model="tiny-test-model", target_layers=[2, 4], steps=3, batch_size=2, lr=1e-2, max_length=64)
-    settings.update(overrides)
-    return RRTrainer(RRConfig(**settings), model=model, tokenizer=tokenizer,
-                     circuit_breaker_items=_items(tokenizer, n_cb, harmful=True),
-                     retain_items=_items(tokenizer, n_retain, harmful=False), progress=False)
 
 
 # ---------------------------------------------------------------- step 1 and what is trained
@@ -41,7 +22,7 @@ def _trainer(model, tokenizer, n_cb: int = 6, n_retain: int = 6, **overrides) ->
 
 def test_step_one_values(tiny_model, chat_tokenizer):
     """With LoRA B = 0 the trained model equals the original: L_r = 0 and L_s = 1 (method.md section 4)."""
-    trainer = _trainer(tiny_model, chat_tokenizer, steps=1, alpha=10.0)
+    trainer = tiny_trainer(tiny_model, chat_tokenizer, steps=1, alpha=10.0)
     assert all(torch.all(p == 0) for n, p in trainer.model.named_parameters() if "lora_B" in n)
     (record,) = trainer.train().log
     assert record["step"] == 1
@@ -55,7 +36,7 @@ def test_step_one_values(tiny_model, chat_tokenizer):
 
 
 def test_log_records_the_rerouting_cosine_per_target_layer(tiny_model, chat_tokenizer):
-    first, second = _trainer(tiny_model, chat_tokenizer, steps=2).train().log
+    first, second = tiny_trainer(tiny_model, chat_tokenizer, steps=2).train().log
     assert set(first["cb_cos_layers"]) == {"2", "4"}
     assert first["cb_cos_layers"]["2"] == pytest.approx(1.0, abs=1e-6)
     for record in (first, second):
@@ -67,7 +48,7 @@ def _first_update_signs(chat_tokenizer, noise_seed: int, **overrides) -> torch.T
     target layer), with the frozen states perturbed by a relative 1e-6 (another machine's rounding)
     drawn from `noise_seed`."""
     model = make_tiny_model("llama", vocab_size=len(chat_tokenizer))
-    trainer = _trainer(model, chat_tokenizer, steps=1, schedule_denominator=200, lr=1e-3,
+    trainer = tiny_trainer(model, chat_tokenizer, steps=1, schedule_denominator=200, lr=1e-3,
                        retain_distance="relative_l2", retain_normalization="masked_mean", frozen_cache_gb=0.0,
                        **overrides)
     frozen, generator = trainer._frozen, torch.Generator().manual_seed(noise_seed)
@@ -100,12 +81,12 @@ def test_seeded_start_sets_the_first_step_where_rounding_noise_did(chat_tokenize
 
 def test_seeded_start_lora_draws_nonzero_b_and_target_leaves_the_model_as_it_was(chat_tokenizer):
     model = make_tiny_model("llama", vocab_size=len(chat_tokenizer))
-    trainer = _trainer(model, chat_tokenizer, seeded_start="lora", seeded_start_scale=1e-3)
+    trainer = tiny_trainer(model, chat_tokenizer, seeded_start="lora", seeded_start_scale=1e-3)
     b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
     assert all(p.abs().max() > 0 for p in b) and max(float(p.detach().std()) for p in b) == pytest.approx(1e-3, rel=0.2)
     assert trainer.target_offsets is None
     model = make_tiny_model("llama", vocab_size=len(chat_tokenizer))
-    trainer = _trainer(model, chat_tokenizer, seeded_start="target", seeded_start_scale=0.05)
+    trainer = tiny_trainer(model, chat_tokenizer, seeded_start="target", seeded_start_scale=0.05)
     assert all(torch.all(p == 0) for n, p in trainer.model.named_parameters() if "lora_B" in n)
     assert set(trainer.target_offsets) == {2, 4}
     assert all(v.norm().item() == pytest.approx(0.05, rel=1e-5) for v in trainer.target_offsets.values())
@@ -116,7 +97,7 @@ def test_seeded_start_lora_draws_nonzero_b_and_target_leaves_the_model_as_it_was
 
 def test_step_one_values_with_the_norm_aware_options(chat_tokenizer):
     model = make_tiny_model("llama", vocab_size=len(chat_tokenizer))
-    trainer = _trainer(model, chat_tokenizer, steps=2, retain_distance="relative_l2",
+    trainer = tiny_trainer(model, chat_tokenizer, steps=2, retain_distance="relative_l2",
                        retain_normalization="masked_mean", reroute_tokens="response", retain_weight=3.0)
     first, second = trainer.train().log
     assert first["retain_loss"] == 0.0
@@ -127,7 +108,7 @@ def test_step_one_values_with_the_norm_aware_options(chat_tokenizer):
 
 
 def test_only_lora_parameters_change(tiny_model, chat_tokenizer):
-    trainer = _trainer(tiny_model, chat_tokenizer, steps=3)
+    trainer = tiny_trainer(tiny_model, chat_tokenizer, steps=3)
     kept = trainer.config.kept_blocks  # 5: blocks 0..4
     params = dict(trainer.model.named_parameters())
     lora_before = {n: p.detach().clone() for n, p in params.items() if "lora_" in n}
@@ -158,7 +139,7 @@ def test_base_weights_unchanged_against_original_model(chat_tokenizer):
     """The adapter-disabled model after training computes exactly what the untouched original does."""
     model = make_tiny_model("llama", vocab_size=len(chat_tokenizer))
     original = copy.deepcopy(model)
-    trainer = _trainer(model, chat_tokenizer, steps=2, full_layers=True)
+    trainer = tiny_trainer(model, chat_tokenizer, steps=2, full_layers=True)
     trainer.train()
     ids = torch.tensor([chat_tokenizer("How do I bake bread?")["input_ids"]])
     with torch.no_grad():
@@ -175,7 +156,7 @@ def test_base_weights_unchanged_against_original_model(chat_tokenizer):
 
 def test_training_past_the_schedule_end(chat_tokenizer):
     model = make_tiny_model("llama", vocab_size=len(chat_tokenizer))
-    trainer = _trainer(model, chat_tokenizer, steps=4, schedule_denominator=2, alpha=4.0)
+    trainer = tiny_trainer(model, chat_tokenizer, steps=4, schedule_denominator=2, alpha=4.0)
     log = trainer.train().log
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert log[0]["c_s"] == pytest.approx(2.0) and log[0]["rerouting_loss"] is not None
@@ -195,7 +176,7 @@ def test_dropped_blocks_saved_checkpoint(tmp_path, chat_tokenizer):
 
     model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=6)
     original = copy.deepcopy(model)
-    trainer = _trainer(model, chat_tokenizer, steps=3, target_layers=[2, 3])
+    trainer = tiny_trainer(model, chat_tokenizer, steps=3, target_layers=[2, 3])
     assert trainer.arch.num_blocks == 4  # blocks 0..3 kept, 4 and 5 dropped while training
     assert len(trainer.dropped.blocks) == 2
     assert trainer.retain_entries == [0, 1, 2, 3, 4]
@@ -253,7 +234,7 @@ def test_blocks_path_model_trains_and_saves(tmp_path, chat_tokenizer, monkeypatc
     model = make_tiny_model("mistral", vocab_size=len(chat_tokenizer), layers=4)
     with pytest.raises(models.ModelError, match="blocks_path"):
         models.find_architecture(model)
-    trainer = _trainer(model, chat_tokenizer, steps=1, target_layers=[2], blocks_path="model.layers")
+    trainer = tiny_trainer(model, chat_tokenizer, steps=1, target_layers=[2], blocks_path="model.layers")
     assert trainer.arch.num_blocks == 3
     trainer.train(tmp_path / "run")
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
@@ -262,7 +243,7 @@ def test_blocks_path_model_trains_and_saves(tmp_path, chat_tokenizer, monkeypatc
 
 def test_full_layers_keeps_every_block(chat_tokenizer):
     model = make_tiny_model("qwen2", vocab_size=len(chat_tokenizer), layers=6)
-    trainer = _trainer(model, chat_tokenizer, steps=1, target_layers=[2, 3], full_layers=True)
+    trainer = tiny_trainer(model, chat_tokenizer, steps=1, target_layers=[2, 3], full_layers=True)
     assert trainer.dropped is None
     assert trainer.arch.num_blocks == 6 and len(model.model.layers) == 6
     assert model.config.num_hidden_layers == 6
@@ -277,14 +258,14 @@ def test_full_layers_keeps_every_block(chat_tokenizer):
 def test_target_layer_past_the_model_raises(chat_tokenizer):
     model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=6)
     with pytest.raises(ConfigError, match="target_layers"):
-        _trainer(model, chat_tokenizer, target_layers=[2, 7])
+        tiny_trainer(model, chat_tokenizer, target_layers=[2, 7])
     assert len(model.model.layers) == 6  # nothing was dropped
 
 
 def test_unknown_lora_module_raises(chat_tokenizer):
     model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4)
     with pytest.raises(ConfigError, match="c_attn.*q_proj"):
-        _trainer(model, chat_tokenizer, target_layers=[2], lora_target_modules=["c_attn"])
+        tiny_trainer(model, chat_tokenizer, target_layers=[2], lora_target_modules=["c_attn"])
 
 
 def test_auto_lora_targets_are_the_papers_projections_or_every_linear_layer(chat_tokenizer):
@@ -306,7 +287,7 @@ def test_gpt2_style_model_trains_and_saves_with_auto_lora_targets(tmp_path, chat
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=len(chat_tokenizer),
                                        n_positions=128)).eval()
-    trainer = _trainer(model, chat_tokenizer, target_layers=[2], steps=3)
+    trainer = tiny_trainer(model, chat_tokenizer, target_layers=[2], steps=3)
     log = trainer.train(tmp_path).log
     assert log[0]["rerouting_loss"] == pytest.approx(1.0, abs=1e-6) and log[0]["retain_loss"] == 0.0
     assert log[-1]["rerouting_loss"] < 1.0
@@ -329,7 +310,7 @@ def test_gemma_model_trains_with_its_scaled_embeddings(chat_tokenizer):
     reference = model(input_ids=ids, output_hidden_states=True).hidden_states
     hooked = decoder_hidden_states(find_architecture(model), ids, torch.ones_like(ids), range(5), stop_early=False)
     assert all(torch.allclose(reference[i], hooked[i], atol=1e-6) for i in range(5))
-    log = _trainer(model, chat_tokenizer, target_layers=[2, 3], steps=3).train().log
+    log = tiny_trainer(model, chat_tokenizer, target_layers=[2, 3], steps=3).train().log
     assert log[0]["rerouting_loss"] == pytest.approx(1.0, abs=1e-6) and log[0]["retain_loss"] == 0.0
     assert log[-1]["rerouting_loss"] < 1.0
 
@@ -427,7 +408,7 @@ def test_gradient_checkpointing_gives_the_same_training(chat_tokenizer):
     result must not change."""
     def run(checkpointing: str):
         model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4)
-        trainer = _trainer(model, chat_tokenizer, steps=3, target_layers=[2, 3], lora_dropout=0.0,
+        trainer = tiny_trainer(model, chat_tokenizer, steps=3, target_layers=[2, 3], lora_dropout=0.0,
                            gradient_checkpointing=checkpointing)
         assert all(block.gradient_checkpointing == (checkpointing == "true") for block in model.model.layers)
         log = trainer.train().log

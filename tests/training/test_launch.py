@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from circuit_breakers.cli import ACCELERATE_CONFIGS_DIR, accelerate_command, accelerate_config_path, main
+from circuit_breakers.cli import main
+from circuit_breakers.training.cli import ACCELERATE_CONFIGS_DIR, accelerate_command, accelerate_config_path
 from circuit_breakers.config import ConfigError
 from circuit_breakers.training.parallel import parallel_mode
 
@@ -74,14 +75,14 @@ def test_launch_command_reexecs_the_same_train_command(tmp_path, monkeypatch, ca
     assert accelerate_command(["train", "--accelerate-config=fsdp", "--out", "o"], "fsdp")[-3:] == ["train", "--out", "o"]
 
     calls = []
-    monkeypatch.setattr("circuit_breakers.cli.os.execv", lambda path, args: calls.append((path, args)))
+    monkeypatch.setattr("circuit_breakers.training.cli.os.execv", lambda path, args: calls.append((path, args)))
     main(argv)
     assert calls == [(sys.executable, command)]
     assert "launching: " in capsys.readouterr().err and "--num_processes 4" in " ".join(command)
 
 
 def test_launch_checks_the_config_and_the_name_first(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("circuit_breakers.cli.os.execv", lambda *a: pytest.fail("must not launch"))
+    monkeypatch.setattr("circuit_breakers.training.cli.os.execv", lambda *a: pytest.fail("must not launch"))
     assert main(["train", "--accelerate-config", "multi-gpu", "--out", str(tmp_path), "learning_rate=1"]) == 2
     assert "unknown key(s) learning_rate" in capsys.readouterr().err
     assert main(["train", "--accelerate-config", "tpu-pod", "--out", str(tmp_path)]) == 2
@@ -108,7 +109,7 @@ def test_single_gpu_config_really_launches(tmp_path, chat_tokenizer):
 
     from circuit_breakers.data import write_jsonl
 
-    from .conftest import make_tiny_model
+    from ..helpers import make_tiny_model
 
     model = tmp_path / "tiny"
     make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4).save_pretrained(model)

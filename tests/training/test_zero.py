@@ -17,7 +17,7 @@ from circuit_breakers.training.cli import accelerate_config_path
 from circuit_breakers.config import ConfigError, RRConfig
 
 from .distributed_worker import run
-from .test_distributed import REPO, RELATIVE_TOLERANCE, _env, _free_port, assert_close_weights
+from ..helpers import REPO, RELATIVE_TOLERANCE, assert_close_weights, free_port, launch_env
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="DeepSpeed is not installed (pip install 'circuit-breakers[deepspeed]')")
@@ -28,9 +28,9 @@ def _launch(config, model, out, *flags: str) -> subprocess.CompletedProcess:
     `config`: a shipped config's name or an accelerate config file."""
     path = config if isinstance(config, Path) else accelerate_config_path(config)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path),
-               "--num_processes", "2", "--main_process_port", str(_free_port()),
-               str(REPO / "tests" / "distributed_worker.py"), str(model), str(out), "2", *flags]
-    return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)
+               "--num_processes", "2", "--main_process_port", str(free_port()),
+               str(REPO / "tests" / "training" / "distributed_worker.py"), str(model), str(out), "2", *flags]
+    return subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=900)
 
 
 def _own_deepspeed_config(folder: Path) -> Path:
@@ -96,13 +96,12 @@ def test_zero3_checkpoint_does_not_resume_without_deepspeed(tmp_path, chat_token
     """The optimizer state is in DeepSpeed's partitions: a plain run must refuse it, not start from zero."""
     from circuit_breakers.training import RRTrainer
 
-    from .conftest import make_tiny_model
-    from .test_training import _items
+    from ..helpers import make_tiny_model, tokenized_items
 
     config = RRConfig(model="x", target_layers=[2, 3], steps=2, batch_size=2, max_length=64)
     trainer = RRTrainer(config, model=make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4),
-                        tokenizer=chat_tokenizer, circuit_breaker_items=_items(chat_tokenizer, 4, harmful=True),
-                        retain_items=_items(chat_tokenizer, 4, harmful=False), progress=False)
+                        tokenizer=chat_tokenizer, circuit_breaker_items=tokenized_items(chat_tokenizer, 4, harmful=True),
+                        retain_items=tokenized_items(chat_tokenizer, 4, harmful=False), progress=False)
     checkpoint = tmp_path / "checkpoints" / "step-1"
     checkpoint.mkdir(parents=True)
     trainer.model.save_pretrained(checkpoint / "adapter")

@@ -2,11 +2,7 @@
 global batch, and every process holds the same weights. Launched with torchrun, which Accelerate
 reads like its own launcher (on CPUs `accelerate launch` starts several processes only through MPI)."""
 import json
-import os
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,43 +10,14 @@ import torch
 from circuit_breakers.config import ConfigError, RRConfig
 from circuit_breakers.training.parallel import Distributed
 
-from .conftest import make_tiny_model
+from ..helpers import REPO, RELATIVE_TOLERANCE, assert_close_weights, launch_env, make_tiny_model, torchrun
 from .distributed_worker import run
-
-REPO = Path(__file__).resolve().parents[1]
-# fp32: the two runs sum the same per-micro-batch gradients in another order (all-reduce vs accumulation).
-RELATIVE_TOLERANCE = 1e-5
-
-
-def assert_close_weights(got: dict, want: dict) -> None:
-    """The same LoRA weight names, each within RELATIVE_TOLERANCE of the largest value it should have."""
-    assert set(got) == set(want)
-    for name, value in want.items():
-        assert (got[name] - value).abs().max() <= RELATIVE_TOLERANCE * value.abs().max(), name
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
-
-
-def _env() -> dict:
-    # One thread per process: two processes share this machine's cores.
-    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'src'}", "OMP_NUM_THREADS": "1",
-            "CUDA_VISIBLE_DEVICES": ""}
-
 
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny_checkpoint):
     # 2 processes x 2 micro-batches of 2 items == 1 process x 4 micro-batches of 2 items: the same
     # global batch of 8, the same micro-batches; gradients averaged once per optimizer step.
-    proc = subprocess.run(_torchrun(2, str(REPO / "tests" / "distributed_worker.py"), str(tiny_checkpoint), str(tmp_path),
-                                    "2"), env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(torchrun(2, str(REPO / "tests" / "training" / "distributed_worker.py"), str(tiny_checkpoint), str(tmp_path),
+                                    "2"), env=launch_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
@@ -76,12 +43,12 @@ def test_global_batch_must_split_over_processes_and_micro_batches(chat_tokenizer
     fake.world = 2  # two processes, as seen from rank 0; no collective is reached before the check
     monkeypatch.setattr(training, "from_environment", lambda: fake)
     model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4)
-    from .test_training import _items
+    from ..helpers import tokenized_items
     config = RRConfig(model="x", target_layers=[2, 3], batch_size=6, grad_accum=2, max_length=64)
     with pytest.raises(ConfigError, match=r"batch_size \(6\).*processes x grad_accum \(2 x 2 = 4\)"):
         training.RRTrainer(config, model=model, tokenizer=chat_tokenizer,
-                           circuit_breaker_items=_items(chat_tokenizer, 4, harmful=True),
-                           retain_items=_items(chat_tokenizer, 4, harmful=False), progress=False)
+                           circuit_breaker_items=tokenized_items(chat_tokenizer, 4, harmful=True),
+                           retain_items=tokenized_items(chat_tokenizer, 4, harmful=False), progress=False)
 
 
 def test_shards_cover_the_global_batch_in_order():
@@ -104,10 +71,10 @@ def test_cli_train_under_a_launcher(tmp_path, tiny_checkpoint):
     write_jsonl(tmp_path / "b.jsonl", [{"request": f"Explain rain {i}", "response": "Water falls."} for i in range(6)])
     out = tmp_path / "out"
     proc = subprocess.run(
-        _torchrun(2, "-m", "circuit_breakers", "train", "--out", str(out), "--model", str(tiny_checkpoint), "--no-progress",
+        torchrun(2, "-m", "circuit_breakers", "train", "--out", str(out), "--model", str(tiny_checkpoint), "--no-progress",
                   "steps=4", "batch_size=4", "target_layers=[2,3]", "max_length=64", "save_every=2",
                   f"circuit_breaker_data=[{tmp_path / 'h.jsonl'}]", f"retain_data=[{tmp_path / 'b.jsonl'}]"),
-        env=_env(), capture_output=True, text=True, timeout=600)
+        env=launch_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("saved ") == 1  # rank 0 only
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
@@ -121,8 +88,8 @@ def test_fsdp_sharded_run_saves_the_adapter_of_one_process(tmp_path, tiny_checkp
     from the shards at save time matches the 1-process weights; the checkpoint holds the full state."""
     from safetensors.torch import load_file
 
-    env = {**_env(), "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
-    proc = subprocess.run(_torchrun(2, str(REPO / "tests" / "distributed_worker.py"), str(tiny_checkpoint), str(tmp_path),
+    env = {**launch_env(), "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    proc = subprocess.run(torchrun(2, str(REPO / "tests" / "training" / "distributed_worker.py"), str(tiny_checkpoint), str(tmp_path),
                                     "2", "--save"), env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = torch.load(tmp_path / "rank0.pt")["weights"]  # OUT/adapter, written by rank 0

@@ -18,20 +18,19 @@ from circuit_breakers.config import ConfigError, RRConfig
 from circuit_breakers.data import write_jsonl
 from circuit_breakers.training import RRTrainer
 
-from .conftest import make_tiny_model
-from .test_training import _items
+from ..helpers import make_tiny_model, tokenized_items
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
-def _trainer(chat_tokenizer, **overrides) -> RRTrainer:
+def tiny_trainer(chat_tokenizer, **overrides) -> RRTrainer:
     settings = dict(model="tiny-test-model", target_layers=[2, 3], steps=6, batch_size=2, lr=1e-2, max_length=64,
                     save_every=2)
     settings.update(overrides)
     model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4)
     return RRTrainer(RRConfig(**settings), model=model, tokenizer=chat_tokenizer,
-                     circuit_breaker_items=_items(chat_tokenizer, 6, harmful=True),
-                     retain_items=_items(chat_tokenizer, 6, harmful=False), progress=False)
+                     circuit_breaker_items=tokenized_items(chat_tokenizer, 6, harmful=True),
+                     retain_items=tokenized_items(chat_tokenizer, 6, harmful=False), progress=False)
 
 
 def _adapter(path: Path) -> dict[str, torch.Tensor]:
@@ -47,7 +46,7 @@ def _log_steps(out: Path) -> list[int]:
 
 def test_checkpoints_are_complete_rotated_and_resume_exactly(tmp_path, chat_tokenizer):
     full = tmp_path / "full"
-    _trainer(chat_tokenizer, keep_checkpoints=2).train(full)
+    tiny_trainer(chat_tokenizer, keep_checkpoints=2).train(full)
     assert [p.name for p in ckpt.list_checkpoints(full)] == ["step-4", "step-6"]  # step-2 rotated out
     assert not [p.name for p in (full / "checkpoints").iterdir() if p.name.startswith(".")]
     newest = full / "checkpoints" / "step-6"
@@ -70,7 +69,7 @@ def test_checkpoints_are_complete_rotated_and_resume_exactly(tmp_path, chat_toke
     (part / "train_log.jsonl").write_text((full / "train_log.jsonl").read_text() + '{"step": 7, "ret')
     import shutil
     shutil.copytree(full / "checkpoints", part / "checkpoints", ignore=shutil.ignore_patterns("step-6"))
-    result = _trainer(chat_tokenizer, keep_checkpoints=2).train(part, resume=True)
+    result = tiny_trainer(chat_tokenizer, keep_checkpoints=2).train(part, resume=True)
     assert [r["step"] for r in result.log] == [1, 2, 3, 4, 5, 6]
     assert _log_steps(part) == [1, 2, 3, 4, 5, 6]  # steps 5-6 and the torn line replaced, none twice
     resumed = _adapter(part / "adapter")
@@ -80,10 +79,10 @@ def test_checkpoints_are_complete_rotated_and_resume_exactly(tmp_path, chat_toke
 
 def test_resume_refuses_another_config_or_other_data(tmp_path, chat_tokenizer):
     out = tmp_path / "run"
-    _trainer(chat_tokenizer, steps=2).train(out)
+    tiny_trainer(chat_tokenizer, steps=2).train(out)
     with pytest.raises(ConfigError, match=r"config differs in lr"):
-        _trainer(chat_tokenizer, steps=2, lr=5e-3).train(out, resume=True)
-    trainer = _trainer(chat_tokenizer, steps=2)
+        tiny_trainer(chat_tokenizer, steps=2, lr=5e-3).train(out, resume=True)
+    trainer = tiny_trainer(chat_tokenizer, steps=2)
     trainer.cb_items = trainer.cb_items[:-1]
     with pytest.raises(ConfigError, match="training data differ"):
         trainer.train(out, resume=True)
@@ -97,7 +96,7 @@ def test_resume_refuses_another_config_or_other_data(tmp_path, chat_tokenizer):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, chat_tokenizer):
-    trainer = _trainer(chat_tokenizer, steps=6, save_every=2)
+    trainer = tiny_trainer(chat_tokenizer, steps=6, save_every=2)
     calls = {"n": 0}
     real = trainer.retain_terms
 
@@ -126,7 +125,7 @@ def test_output_dir_that_is_not_writable_fails_before_training(tmp_path, chat_to
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     out = blocker / "run"
-    trainer = _trainer(chat_tokenizer)
+    trainer = tiny_trainer(chat_tokenizer)
     with pytest.raises(ckpt.OutputDirError, match=f"output directory {out} is not writable"):
         trainer.train(out)
     assert not trainer.optimizer.state  # no step was taken
@@ -145,7 +144,7 @@ def test_too_little_free_disk_fails_before_training_with_the_sizes(tmp_path, cha
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 5000, 5000))
-    trainer = _trainer(chat_tokenizer, steps=6, save_every=2)
+    trainer = tiny_trainer(chat_tokenizer, steps=6, save_every=2)
     out = tmp_path / "run"
     with pytest.raises(ckpt.OutputDirError) as err:
         trainer.train(out)

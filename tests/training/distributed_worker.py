@@ -1,8 +1,8 @@
-"""One process of the data-parallel tests (tests/test_distributed.py, tests/test_deepspeed_engine.py); also the
+"""One process of the data-parallel tests (tests/training/test_parallel.py, tests/training/test_zero.py); also the
 single-process reference, imported by the test. Not collected by pytest (no test_ prefix).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py MODEL_DIR OUT GRAD_ACCUM [--save [--resume]]
-    accelerate launch --config_file CONFIG --num_processes 2 tests/distributed_worker.py ...   (DeepSpeed)
+    python -m torch.distributed.run --nproc_per_node 2 tests/training/distributed_worker.py MODEL_DIR OUT GRAD_ACCUM [--save [--resume]]
+    accelerate launch --config_file CONFIG --num_processes 2 tests/training/distributed_worker.py ...   (DeepSpeed)
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def run(model_dir: Path, grad_accum: int, out: Path | None = None, resume: bool 
 
     from circuit_breakers.training import trainer as training
     from circuit_breakers.config import RRConfig
-    from tests.test_training import _items
+    from tests.helpers import tokenized_items
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -44,8 +44,8 @@ def run(model_dir: Path, grad_accum: int, out: Path | None = None, resume: bool 
     add_lora, training.add_lora = training.add_lora, add_lora_with_nonzero_b
     try:
         trainer = training.RRTrainer(config, model=model, tokenizer=tokenizer,
-                                     circuit_breaker_items=_items(tokenizer, 12, harmful=True),
-                                     retain_items=_items(tokenizer, 12, harmful=False), progress=False)
+                                     circuit_breaker_items=tokenized_items(tokenizer, 12, harmful=True),
+                                     retain_items=tokenized_items(tokenizer, 12, harmful=False), progress=False)
     finally:
         training.add_lora = add_lora
     log = trainer.train(out, resume=resume or None).log

@@ -7,8 +7,7 @@ import torch
 from circuit_breakers.training.memory import CheckpointPlanner, supports_per_block_checkpointing
 from circuit_breakers.models import find_architecture
 
-from .conftest import make_tiny_model
-from .test_training import _trainer
+from ..helpers import make_tiny_model, tiny_trainer
 
 
 def _fake_arch(n: int):
@@ -43,7 +42,7 @@ def _run(trainer, steps: int = 3) -> list[dict]:
 
 def _lora_after(chat_tokenizer, **overrides):
     model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4)
-    trainer = _trainer(model, chat_tokenizer, steps=3, target_layers=[2, 3], lora_dropout=0.0, **overrides)
+    trainer = tiny_trainer(model, chat_tokenizer, steps=3, target_layers=[2, 3], lora_dropout=0.0, **overrides)
     return trainer, model
 
 
@@ -90,14 +89,14 @@ def test_joint_frozen_pass_gives_the_same_losses(chat_tokenizer, frozen_cache_gb
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="auto checkpointing measures CUDA allocator statistics")
 def test_auto_checkpointing_on_cuda_measures_and_plans(chat_tokenizer):
     model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4).cuda()
-    trainer = _trainer(model, chat_tokenizer, steps=3, target_layers=[2, 3], lora_dropout=0.0,
+    trainer = tiny_trainer(model, chat_tokenizer, steps=3, target_layers=[2, 3], lora_dropout=0.0,
                        gradient_checkpointing="auto", dtype="float32")
     planner = trainer.checkpoint_planner
     assert planner is not None and planner.full > planner.checkpointed > 0
     log = _run(trainer)
     assert all(r["blocks_without_checkpointing"] == 4 for r in log)  # a tiny model fits in any GPU
     model_off = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4).cuda()
-    trainer_off = _trainer(model_off, chat_tokenizer, steps=3, target_layers=[2, 3], lora_dropout=0.0,
+    trainer_off = tiny_trainer(model_off, chat_tokenizer, steps=3, target_layers=[2, 3], lora_dropout=0.0,
                        gradient_checkpointing="false")
     log_off = _run(trainer_off)
     for a, b in zip(log_off, log):

@@ -1,0 +1,229 @@
+"""Shared test factories and helpers (plain functions, no fixtures): import them from here, never from a
+conftest. Fixtures live in tests/conftest.py and the per-directory conftests, and build on these."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+# --- tiny tokenizer and models ---------------------------------------------------------------------------------
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_SPECIAL = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+_CORPUS = [
+    "user assistant system",
+    "How do I bake bread? Sure, here is a simple recipe for bread.",
+    "I cannot help with that request. I'm sorry, but I can't assist.",
+    "Explain the water cycle in three short sentences.",
+]
+
+
+def make_chat_tokenizer():
+    """A tiny byte-level BPE tokenizer with a ChatML chat template, trained in memory.
+
+    Byte-level, so decoding gives back exactly the text that was encoded. The `chat_tokenizer` fixture is
+    session-scoped: copy it (copy.deepcopy) before changing any attribute.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=_SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS * 5, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.name_or_path = "tiny-chatml-test"
+    return tokenizer
+
+
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def make_tiny_model(kind: str = "llama", *, vocab_size: int = 400, layers: int = 6, seed: int = 0):
+    """A randomly initialised decoder of a real architecture, small enough for a unit test."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind](**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+# --- server tests (tests/serving) ------------------------------------------------------------------------------
+
+MODEL = "tiny-rr"
+HUMAN = [{"role": "user", "content": "How do I bake bread?"}]
+
+
+def chat(client, messages=None, **body):
+    """POST a chat completion; returns the response."""
+    payload = {"model": MODEL, "messages": messages if messages is not None else HUMAN, "max_tokens": 8, **body}
+    return client.post("/v1/chat/completions", json=payload)
+
+
+def parse_sse(text: str) -> tuple[list[dict], bool]:
+    """The JSON payloads of a server-sent event stream, and whether it ended with [DONE]."""
+    events, done = [], False
+    for block in text.split("\n\n"):
+        block = block.strip()
+        if not block:
+            continue
+        assert block.startswith("data: "), block
+        data = block[len("data: "):]
+        if data == "[DONE]":
+            done = True
+            continue
+        assert not done, "an event after [DONE]"
+        events.append(json.loads(data))
+    return events, done
+
+
+def streamed_text(events: list[dict]) -> str:
+    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+
+
+def assert_error(response, status: int = 400, *, param=None, code=None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+def probe_for(model, *, layer: int = 2, threshold_logit: float = 1e9, seed: int = 0):
+    """A randomly initialised linear probe on the tiny model (never trips at the default threshold)."""
+    import torch
+
+    from circuit_breakers.probes.probe import make_probe
+
+    probe = make_probe("linear", model.config.hidden_size, layer=layer, seed=seed)
+    with torch.no_grad():
+        probe.net[0].weight.mul_(20)  # spread the scores so thresholds can fall between tokens
+    probe.threshold_logit = threshold_logit
+    return probe
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def threshold_tripping_at(scores: list[float], index: int) -> float:
+    """A threshold logit between max(scores[:index]) and scores[index]; None if there is none."""
+    before = max(scores[:index], default=0.0)
+    if scores[index] <= before:
+        return None
+    return logit((before + scores[index]) / 2)
+
+
+class LiveServer:
+    """uvicorn on 127.0.0.1 with a free port, in a background thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = None
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+# ---------------------------------------------------------------- trainers on tiny models
+
+
+def tokenized_items(tokenizer, n: int, *, harmful: bool):
+    """`n` short tokenised conversations: harmful-looking (a compliance) or benign (a refusal)."""
+    from circuit_breakers.data import ChatFormatter, Example, tokenize_examples
+
+    fmt = ChatFormatter(tokenizer, 64)
+    if harmful:
+        examples = [Example(request=f"How do I bake bread {i}?",
+                            response="Sure, here is a simple recipe for bread. " * (1 + i % 3)) for i in range(n)]
+    else:
+        examples = [Example(request=f"Explain the water cycle {i}" + " in three short sentences" * (i % 2),
+                            response="I cannot help with that request.") for i in range(n)]
+    return tokenize_examples(examples, fmt)
+
+
+def tiny_trainer(model, tokenizer, n_cb: int = 6, n_retain: int = 6, **overrides):
+    """An RRTrainer on a tiny model and `tokenized_items`; `overrides`: RRConfig keys."""
+    from circuit_breakers.config import RRConfig
+    from circuit_breakers.training import RRTrainer
+
+    settings = dict(model="tiny-test-model", target_layers=[2, 4], steps=3, batch_size=2, lr=1e-2, max_length=64)
+    settings.update(overrides)
+    return RRTrainer(RRConfig(**settings), model=model, tokenizer=tokenizer,
+                     circuit_breaker_items=tokenized_items(tokenizer, n_cb, harmful=True),
+                     retain_items=tokenized_items(tokenizer, n_retain, harmful=False), progress=False)
+
+
+# ---------------------------------------------------------------- launching processes (tests/training)
+
+REPO = Path(__file__).resolve().parents[1]
+# fp32: the two runs sum the same per-micro-batch gradients in another order (all-reduce vs accumulation).
+RELATIVE_TOLERANCE = 1e-5
+
+
+def assert_close_weights(got: dict, want: dict) -> None:
+    """The same LoRA weight names, each within RELATIVE_TOLERANCE of the largest value it should have."""
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert (got[name] - value).abs().max() <= RELATIVE_TOLERANCE * value.abs().max(), name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """`torchrun` with NPROC local processes (Accelerate reads its environment like its own launcher's)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+
+
+def launch_env() -> dict:
+    """The environment of launched test processes: the repository importable, CPUs only."""
+    # One thread per process: two processes share this machine's cores.
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'src'}", "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": ""}
