@@ -9,7 +9,7 @@ matrices are perturbed (so that the losses are not the trivial L_s = 1, L_r = 0 
 see the same circuit-breaker and retain items at every step, and run interleaved (reference, trainer,
 reference, trainer, ...) so that machine noise hits both alike.
 
-* "reference": method.md section 6. A circuit-breaker item is its request left-padded to 512 tokens
+* "reference": docs/method.md section 6. A circuit-breaker item is its request left-padded to 512 tokens
   plus its response right-padded to 512 (1024 in all); a retain item is left-padded to 1024 (all
   lengths times --length-scale). Two no-grad forwards with the adapter disabled (retain: every hidden
   state; circuit-breaker: the target layers), then two forwards with gradients, every one through the
@@ -103,7 +103,7 @@ FLOP_FORMULA = ("useful FLOP per step = 8 * P * N: 2*P*N for the frozen forward 
 
 
 def synthesise_items(n: int, scale: float, vocab: int, seed: int) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
-    """`n` circuit-breaker and `n` retain items as token ids (method.md section 6 and the README).
+    """`n` circuit-breaker and `n` retain items as token ids (docs/method.md section 6).
 
     Circuit-breaker: request uniform 20..80 tokens (BOS and chat tags included), response uniform
     150..450. Retain: total length log-uniform 100..1000, prompt 10-30% of it. All lengths times
@@ -203,7 +203,7 @@ def resident_bytes(model, optimizer, device: torch.device) -> int:
 
 
 class ReferenceStep:
-    """method.md section 6, with this project's loss functions."""
+    """docs/method.md section 6, with this project's loss functions."""
 
     def __init__(self, model, config: RRConfig, items_cb, items_retain, half: int, checkpointing: bool):
         self.config = config

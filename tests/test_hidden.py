@@ -1,4 +1,4 @@
-"""Hook-captured hidden states must be exactly `output_hidden_states` (method.md section 7)."""
+"""Hook-captured hidden states must be exactly `output_hidden_states` (docs/method.md section 7)."""
 import pytest
 import torch
 

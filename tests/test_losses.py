@@ -1,4 +1,4 @@
-"""The RR losses and schedule against direct, loop-by-loop computations of method.md section 3-4."""
+"""The RR losses and schedule against direct, loop-by-loop computations of docs/method.md section 3-4."""
 import math
 
 import pytest

@@ -3,7 +3,7 @@
 # `train --accelerate-config single-gpu`, a second identical run (GPU determinism), a resume from
 # step 4 compared with the uninterrupted run, then FSDP2 on one NCCL process and its resume, then
 # (when deepspeed is importable) DeepSpeed ZeRO-2 and ZeRO-3 on one process and a ZeRO-3 resume.
-# Not run on a GPU yet (README, Multi-GPU and multi-node). Progress goes to stdout as it happens.
+# Not run on a GPU yet (docs/distributed.md). Progress goes to stdout as it happens.
 #   bash benchmarks/distributed/gpu_check.sh        (PYTHON=python3 by default)
 set -u
 cd "$(dirname "$0")/../.."

@@ -1,6 +1,6 @@
 """The training configuration: one flat dataclass, YAML recipes, `key=value` overrides.
 
-Defaults are the reference's settings for Llama-3-8B-Instruct (method.md section 5). Unknown keys
+Defaults are the reference's settings for Llama-3-8B-Instruct (docs/method.md section 5). Unknown keys
 are rejected with the list of valid ones; values are type-checked against the field types.
 """
 
@@ -148,14 +148,7 @@ class RRConfig:
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> "RRConfig":
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
-        try:
-            return cls(**values)
-        except ConfigError as err:
-            raise ConfigError(f"{where}: {err}") from None
+        return dataclass_from_dict(cls, values, where)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -215,6 +208,18 @@ def parse_overrides(items: list[str]) -> dict:
             value = raw
         values[key.strip()] = value
     return values
+
+
+def dataclass_from_dict(cls, values: dict, where: str):
+    """A config dataclass from a mapping; unknown keys and bad values raise ConfigError naming `where`."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def check_types(config) -> None:

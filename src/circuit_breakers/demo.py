@@ -207,7 +207,7 @@ def run_demo_eval(broken, original, tokenizer, out: Path, config: RRConfig, budg
                              f"{budget.optimised_behaviors} for {', '.join(optimised)}",
                 "attacks": list(budget.attacks), "limit": budget.behaviors,
                 "judged": "model's continuation (prefill excluded)",
-                "command": f"circuit-breakers demo --out {out} (budget: circuit_breakers.demo.DEMO_EVAL)"}
+                "command": f"circuit-breakers demo --out {out} (budget: eval config quick)"}
     results = run_evaluation(
         broken, tokenizer, budget, eval_dir, baseline=(original, tokenizer), labels=labels_path,
         labels_skipped=skipped, target_layers=config.target_layers, max_length=config.max_length, run_info=run_info,

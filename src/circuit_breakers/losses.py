@@ -1,4 +1,4 @@
-"""The Representation Rerouting losses and schedule (Zou et al. 2024, Algorithm 1; method.md 3-4).
+"""The Representation Rerouting losses and schedule (Zou et al. 2024, Algorithm 1; docs/method.md 3-4).
 
 Notation: h^l is hidden-state entry l (`output_hidden_states` numbering), "lora" the model being
 trained, "orig" the same model with the adapter disabled, M the token mask (B x T).

@@ -23,7 +23,7 @@ from ..helpers import make_tiny_model, tokenized_items
 REPO = Path(__file__).resolve().parents[2]
 
 
-def tiny_trainer(chat_tokenizer, **overrides) -> RRTrainer:
+def checkpointing_trainer(chat_tokenizer, **overrides) -> RRTrainer:
     settings = dict(model="tiny-test-model", target_layers=[2, 3], steps=6, batch_size=2, lr=1e-2, max_length=64,
                     save_every=2)
     settings.update(overrides)
@@ -46,11 +46,11 @@ def _log_steps(out: Path) -> list[int]:
 
 def test_checkpoints_are_complete_rotated_and_resume_exactly(tmp_path, chat_tokenizer):
     full = tmp_path / "full"
-    tiny_trainer(chat_tokenizer, keep_checkpoints=2).train(full)
+    checkpointing_trainer(chat_tokenizer, keep_checkpoints=2).train(full)
     assert [p.name for p in ckpt.list_checkpoints(full)] == ["step-4", "step-6"]  # step-2 rotated out
     assert not [p.name for p in (full / "checkpoints").iterdir() if p.name.startswith(".")]
     newest = full / "checkpoints" / "step-6"
-    assert {p.name for p in newest.iterdir()} == {"adapter", "optimizer.pt", "rng.pt", "trainer_state.json"}
+    assert {p.name for p in newest.iterdir()} == {"adapter", "optimizer.pt", "rng.json", "trainer_state.json"}
     state = json.loads((newest / "trainer_state.json").read_text())
     assert state["step"] == 6 and state["batches_drawn"] == {"circuit_breaker": 6, "retain": 6}
     assert state["config"]["save_every"] == 2
@@ -69,7 +69,7 @@ def test_checkpoints_are_complete_rotated_and_resume_exactly(tmp_path, chat_toke
     (part / "train_log.jsonl").write_text((full / "train_log.jsonl").read_text() + '{"step": 7, "ret')
     import shutil
     shutil.copytree(full / "checkpoints", part / "checkpoints", ignore=shutil.ignore_patterns("step-6"))
-    result = tiny_trainer(chat_tokenizer, keep_checkpoints=2).train(part, resume=True)
+    result = checkpointing_trainer(chat_tokenizer, keep_checkpoints=2).train(part, resume=True)
     assert [r["step"] for r in result.log] == [1, 2, 3, 4, 5, 6]
     assert _log_steps(part) == [1, 2, 3, 4, 5, 6]  # steps 5-6 and the torn line replaced, none twice
     resumed = _adapter(part / "adapter")
@@ -79,10 +79,10 @@ def test_checkpoints_are_complete_rotated_and_resume_exactly(tmp_path, chat_toke
 
 def test_resume_refuses_another_config_or_other_data(tmp_path, chat_tokenizer):
     out = tmp_path / "run"
-    tiny_trainer(chat_tokenizer, steps=2).train(out)
+    checkpointing_trainer(chat_tokenizer, steps=2).train(out)
     with pytest.raises(ConfigError, match=r"config differs in lr"):
-        tiny_trainer(chat_tokenizer, steps=2, lr=5e-3).train(out, resume=True)
-    trainer = tiny_trainer(chat_tokenizer, steps=2)
+        checkpointing_trainer(chat_tokenizer, steps=2, lr=5e-3).train(out, resume=True)
+    trainer = checkpointing_trainer(chat_tokenizer, steps=2)
     trainer.cb_items = trainer.cb_items[:-1]
     with pytest.raises(ConfigError, match="training data differ"):
         trainer.train(out, resume=True)
@@ -96,7 +96,7 @@ def test_resume_refuses_another_config_or_other_data(tmp_path, chat_tokenizer):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, chat_tokenizer):
-    trainer = tiny_trainer(chat_tokenizer, steps=6, save_every=2)
+    trainer = checkpointing_trainer(chat_tokenizer, steps=6, save_every=2)
     calls = {"n": 0}
     real = trainer.retain_terms
 
@@ -125,7 +125,7 @@ def test_output_dir_that_is_not_writable_fails_before_training(tmp_path, chat_to
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     out = blocker / "run"
-    trainer = tiny_trainer(chat_tokenizer)
+    trainer = checkpointing_trainer(chat_tokenizer)
     with pytest.raises(ckpt.OutputDirError, match=f"output directory {out} is not writable"):
         trainer.train(out)
     assert not trainer.optimizer.state  # no step was taken
@@ -144,7 +144,7 @@ def test_too_little_free_disk_fails_before_training_with_the_sizes(tmp_path, cha
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 5000, 5000))
-    trainer = tiny_trainer(chat_tokenizer, steps=6, save_every=2)
+    trainer = checkpointing_trainer(chat_tokenizer, steps=6, save_every=2)
     out = tmp_path / "run"
     with pytest.raises(ckpt.OutputDirError) as err:
         trainer.train(out)
@@ -205,3 +205,53 @@ def test_resume_after_sigkill_reaches_the_uninterrupted_adapter(tmp_path, tiny_r
     assert got.keys() == want.keys()
     assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
     assert RRConfig.load(killed / "config.yaml") == RRConfig.load(full / "config.yaml")
+
+
+# ---------------------------------------------------------------- no pickles
+
+
+class _RunsCode:
+    """What a hostile checkpoint would hold: unpickling it calls `touch` on the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoints_hold_no_pickle_and_a_pickle_in_one_is_refused_unrun(tmp_path, chat_tokenizer):
+    out = tmp_path / "run"
+    checkpointing_trainer(chat_tokenizer, steps=4).train(out)
+    checkpoint = out / "checkpoints" / "step-2"
+    json.loads((checkpoint / "rng.json").read_text())  # plain JSON
+    torch.load(checkpoint / "optimizer.pt", weights_only=True)  # tensors and plain containers only
+
+    marker = tmp_path / "code-ran"
+    torch.save({"state": {}, "param_groups": [], "payload": _RunsCode(marker)}, checkpoint / "optimizer.pt")
+    with pytest.raises(ConfigError, match=r"optimizer.pt: holds objects other than tensors .* not loaded"):
+        checkpointing_trainer(chat_tokenizer, steps=4).train(out, resume=checkpoint)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_with_the_old_pickled_rng_file_is_refused(tmp_path, chat_tokenizer):
+    out = tmp_path / "run"
+    checkpointing_trainer(chat_tokenizer, steps=4).train(out)
+    checkpoint = out / "checkpoints" / "step-2"
+    (checkpoint / "rng.json").unlink()
+    torch.save({"world_size": 1, "states": []}, checkpoint / "rng.pt")
+    with pytest.raises(ConfigError, match=r"older circuit-breakers: its RNG states are a pickle \(rng.pt\)"):
+        checkpointing_trainer(chat_tokenizer, steps=4).train(out, resume=checkpoint)
+
+
+def test_rng_states_round_trip_through_json():
+    import random
+
+    import numpy as np
+
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    saved = json.loads(json.dumps(ckpt.rng_state()))
+    expected = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ckpt.set_rng_state(saved)
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == expected

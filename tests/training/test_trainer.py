@@ -21,7 +21,7 @@ LOG_KEYS = {"step", "c_s", "c_r", "retain_loss", "rerouting_loss", "cb_cos", "cb
 
 
 def test_step_one_values(tiny_model, chat_tokenizer):
-    """With LoRA B = 0 the trained model equals the original: L_r = 0 and L_s = 1 (method.md section 4)."""
+    """With LoRA B = 0 the trained model equals the original: L_r = 0 and L_s = 1 (docs/method.md section 4)."""
     trainer = tiny_trainer(tiny_model, chat_tokenizer, steps=1, alpha=10.0)
     assert all(torch.all(p == 0) for n, p in trainer.model.named_parameters() if "lora_B" in n)
     (record,) = trainer.train().log

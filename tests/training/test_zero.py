@@ -105,7 +105,7 @@ def test_zero3_checkpoint_does_not_resume_without_deepspeed(tmp_path, chat_token
     checkpoint = tmp_path / "checkpoints" / "step-1"
     checkpoint.mkdir(parents=True)
     trainer.model.save_pretrained(checkpoint / "adapter")
-    torch.save({"world_size": 2, "states": []}, checkpoint / "rng.pt")
+    (checkpoint / "rng.json").write_text(json.dumps({"world_size": 2, "states": []}))
     fingerprint = ckpt.data_fingerprint(trainer.cb_items, trainer.retain_items)
     (checkpoint / "trainer_state.json").write_text(json.dumps(
         {"step": 1, "world_size": 2, "parallel": "deepspeed-zero3", "config": config.to_dict(),

@@ -35,7 +35,7 @@ class ChatFormatter:
 
     ``chat_template`` (a Jinja string) replaces the tokenizer's own template; one of
     them must exist. With probability ``drop_instruction_prob`` the conversation is
-    replaced by one empty user turn, keeping the response (method.md section 2); the
+    replaced by one empty user turn, keeping the response (docs/method.md section 2); the
     choice comes from ``random.Random(seed)`` drawn once per ``format`` call, so the
     same seed and call order give the same choices.
 

@@ -1,4 +1,4 @@
-"""Evaluation: behaviours, the attack harness, judges' agreement, capability, representation diagnostics.
+"""Evaluation: the pipeline (one full run), behaviours, the attack harness, judges' agreement, capability, representation diagnostics.
 
 Names load lazily, so that `circuit-breakers --help` (which imports evaluation.cli) stays light.
 """
@@ -15,6 +15,7 @@ _EXPORTS = {
     "wilson_interval": "stats",
     "capability_report": "capability", "token_f1": "capability", "heldout_perplexity": "capability",
     "load_labelled": "agreement", "judge_agreement": "agreement", "format_confusion": "agreement",
+    "run_evaluation": "pipeline", "EvalConfig": "pipeline", "load_eval_config": "pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..config import INVALID, ConfigError, check_types, coerce, parse_overrides, read_yaml, shipped_yaml, type_name
+from ..config import (INVALID, ConfigError, check_types, coerce, dataclass_from_dict, parse_overrides, read_yaml,
+                      shipped_yaml, type_name)
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 # The judges that take the original model as perplexity reference and can label answers to benign prompts:
@@ -85,14 +86,7 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "eval config") -> "EvalConfig":
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
-        try:
-            return cls(**values)
-        except ConfigError as err:
-            raise ConfigError(f"{where}: {err}") from None
+        return dataclass_from_dict(cls, values, where)
 
     def to_dict(self) -> dict:
         """Plain JSON values (tuples as lists): what results.json records."""

@@ -1,4 +1,4 @@
-"""Harmfulness probes (method.md section 8): read harmfulness from hidden states and halt generation.
+"""Harmfulness probes (docs/method.md section 8): read harmfulness from hidden states and halt generation.
 
 A probe is trained on per-token hidden states of response tokens at one layer (circuit-breaker set
 positive, retain sets negative), calibrated to a false-positive rate on benign responses it was not

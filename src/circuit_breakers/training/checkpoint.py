@@ -7,7 +7,10 @@ exactly as an uninterrupted run would:
     optimizer.pt          AdamW's state (under DeepSpeed instead: deepspeed/, the engine's own files,
                           one optimizer partition per process): written and read by the run's
                           parallel strategy (parallel.py, zero.py)
-    rng.pt                python, numpy, torch CPU and CUDA RNG states, one entry per process
+    rng.json              python, numpy, torch CPU and CUDA RNG states, one entry per process
+
+No file in a checkpoint is a pickle (a pickle runs code when loaded): tensors are safetensors or
+`torch.save` files read with `weights_only=True`, everything else JSON.
     trainer_state.json    the step, how many batches each set's sampler has drawn, the config, a
                           fingerprint of the tokenised data (resuming on other data is an error) and
                           the frozen-state cache segments it needs (OUT/checkpoints/frozen-cache/)
@@ -42,7 +45,8 @@ from .parallel import Distributed, Parallel
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
-RNG_FILE = "rng.pt"
+RNG_FILE = "rng.json"
+LEGACY_RNG_FILE = "rng.pt"  # a pickle, written before 2026-11-29: never loaded
 ADAPTER_DIR = "adapter"
 LOG_FILE = "train_log.jsonl"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -118,25 +122,32 @@ def data_fingerprint(*sets) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """This process's RNG states as JSON values (python's Mersenne Twister, numpy's, torch's CPU and CUDA)."""
+    version, internal, gauss = random.getstate()
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state().tolist()}
     try:
         import numpy as np
-        state["numpy"] = np.random.get_state()
+        kind, key, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"kind": kind, "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                          "cached_gaussian": float(cached)}
     except ImportError:  # pragma: no cover
         pass
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "numpy" in state:
         import numpy as np
-        np.random.set_state(state["numpy"])
+        saved = state["numpy"]
+        np.random.set_state((saved["kind"], np.array(saved["key"], dtype=np.uint32), saved["pos"],
+                             saved["has_gauss"], saved["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
-        states = state["cuda"]
+        states = [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
         if len(states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states)
         else:
@@ -315,7 +326,7 @@ class Checkpointer:
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp / ADAPTER_DIR, state_dict=lora)
             write_optimizer(tmp)
-            torch.save({"world_size": self.dist.world, "states": rng}, tmp / RNG_FILE)
+            (tmp / RNG_FILE).write_text(json.dumps({"world_size": self.dist.world, "states": rng}))
             atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1) + "\n")  # last: marks it complete
         self.last = self.dist.on_main(lambda: write_checkpoint(self.out, step, write, self.config.keep_checkpoints))
 
@@ -324,8 +335,11 @@ class Checkpointer:
         def read():
             state = json.loads((checkpoint / STATE_FILE).read_text())
             check_resumable(state, self.config, self.fingerprint, checkpoint)
-            # Our own file: python's and numpy's RNG states are plain tuples and arrays, not tensors.
-            return state, torch.load(checkpoint / RNG_FILE, map_location="cpu", weights_only=False)
+            if not (checkpoint / RNG_FILE).is_file() and (checkpoint / LEGACY_RNG_FILE).is_file():
+                raise ConfigError(f"{checkpoint} was written by an older circuit-breakers: its RNG states are a "
+                                  f"pickle ({LEGACY_RNG_FILE}), which is not loaded (a pickle can run code); "
+                                  "resume it with the version that wrote it, or start the run again")
+            return state, json.loads((checkpoint / RNG_FILE).read_text())
         state, rng = self.dist.on_main(read)
         self.parallel.check_resume(state.get("parallel", "single"), state.get("world_size", 1), checkpoint)
         self.parallel.load(checkpoint, model, checkpoint / ADAPTER_DIR / "adapter_model.safetensors")

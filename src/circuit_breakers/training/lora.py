@@ -1,6 +1,6 @@
 """The LoRA adapter: which layers it wraps, how it starts, and how it is saved (alone and merged).
 
-RR trains LoRA weights only, on the kept blocks (method.md section 5); the frozen pass is the same
+RR trains LoRA weights only, on the kept blocks (docs/method.md section 5); the frozen pass is the same
 model with the adapter disabled, never a second copy.
 """
 

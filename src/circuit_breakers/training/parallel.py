@@ -183,6 +183,17 @@ def from_environment() -> Distributed:
 # ---------------------------------------------------------------- the strategies
 
 
+def load_tensors(path: Path) -> dict:
+    """A `torch.save` file of tensors and plain containers (an optimizer state), never a pickle of other objects."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ConfigError(f"{path}: holds objects other than tensors and plain values, which are not loaded "
+                          f"(loading a pickle can run code): {str(err).splitlines()[0]}") from None
+
+
 class Parallel:
     """One process: the interface every mode implements, and what the single-process run does.
 
@@ -249,7 +260,7 @@ class Parallel:
         """Restore the LoRA weights and the optimizer state (rank 0 reads, every process gets them)."""
         def read():
             from safetensors.torch import load_file
-            return load_file(adapter_file), torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu")
+            return load_file(adapter_file), load_tensors(checkpoint / OPTIMIZER_FILE)
         adapter, optimizer = self.dist.on_main(read)
         names = check_adapter(model, adapter, checkpoint)
         params = dict(model.named_parameters())
