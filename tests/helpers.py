@@ -227,3 +227,104 @@ def launch_env() -> dict:
     # One thread per process: two processes share this machine's cores.
     return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'src'}", "OMP_NUM_THREADS": "1",
             "CUDA_VISIBLE_DEVICES": ""}
+
+
+# ---------------------------------------------------------------- tool-capable tiny tokenizers (tests/data)
+
+# Qwen2.5-style ChatML with tools: the tool list in the system turn, calls inside <tool_call>, results sent
+# back as a user turn inside <tool_response>. Arguments may be a dict or an already-encoded JSON string.
+HERMES_TOOL_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\n\n' }}{%- endif %}"
+    "{{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n'"
+    " + 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within '"
+    " + '<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": '"
+    " + '<args-json-object>}\n</tool_call><|im_end|>\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'system' %}"
+    "{%- elif m['role'] == 'user' %}"
+    "{{- '<|im_start|>user\n' + m['content'] + '<|im_end|>\n' }}"
+    "{%- elif m['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\n' + (m['content'] or '') }}"
+    "{%- for call in m.get('tool_calls') or [] %}"
+    "{%- set f = call['function'] if call['function'] is defined else call %}"
+    "{%- if (loop.first and m['content']) or not loop.first %}{{- '\n' }}{%- endif %}"
+    "{{- '<tool_call>\n{\"name\": \"' + f['name'] + '\", \"arguments\": ' }}"
+    "{%- if f['arguments'] is string %}{{- f['arguments'] }}{%- else %}{{- f['arguments'] | tojson }}{%- endif %}"
+    "{{- '}\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- elif m['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\n<tool_response>\n' + m['content'] + '\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+# Llama-3.1 style: headers between <|start_header_id|>/<|end_header_id|>, <|eot_id|> ends a turn, the tools
+# as JSON in the first user turn, a call as {"name", "parameters"} after the assistant header, results in an
+# "ipython" turn (role "tool" is accepted as its alias).
+LLAMA31_TOOL_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system = messages[0]['content'] %}{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}"
+    "{%- if tools %}{{- 'Environment: ipython\n' }}{%- endif %}"
+    "{{- 'Cutting Knowledge Date: December 2023\n\n' + system + '<|eot_id|>' }}"
+    "{%- set ns = namespace(tools_done=false) %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'user' and tools and not ns.tools_done %}"
+    "{%- set ns.tools_done = true %}"
+    "{{- '<|start_header_id|>user<|end_header_id|>\n\n' }}"
+    "{{- 'Given the following functions, please respond with a JSON for a function call with its proper '"
+    " + 'arguments that best answers the given prompt.\n\n'"
+    " + 'Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and its '"
+    " + 'value}. Do not use variables.\n\n' }}"
+    "{%- for tool in tools %}{{- (tool | tojson(indent=4)) + '\n\n' }}{%- endfor %}"
+    "{{- m['content'] + '<|eot_id|>' }}"
+    "{%- elif m['role'] == 'assistant' and m.get('tool_calls') %}"
+    "{%- set f = m['tool_calls'][0]['function'] if m['tool_calls'][0]['function'] is defined "
+    "else m['tool_calls'][0] %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{{- '{\"name\": \"' + f['name'] + '\", \"parameters\": ' }}"
+    "{%- if f['arguments'] is string %}{{- f['arguments'] }}{%- else %}{{- f['arguments'] | tojson }}{%- endif %}"
+    "{{- '}<|eot_id|>' }}"
+    "{%- elif m['role'] in ('tool', 'ipython') %}"
+    "{{- '<|start_header_id|>ipython<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}"
+    "{%- else %}"
+    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + (m['content'] or '') + '<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
+_LLAMA31_SPECIAL = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"]
+
+
+def make_tool_tokenizer(style: str = "hermes"):
+    """A fresh tiny tokenizer (`make_chat_tokenizer`) whose chat template renders tools and tool calls.
+
+    "hermes": HERMES_TOOL_TEMPLATE on the ChatML tokens. "llama31": LLAMA31_TOOL_TEMPLATE, with the Llama-3.1
+    header and turn-end tokens added as special tokens (the vocabulary stays under the tiny models' 400) and
+    eos_token "<|eot_id|>".
+    """
+    tokenizer = make_chat_tokenizer()
+    if style == "hermes":
+        tokenizer.chat_template = HERMES_TOOL_TEMPLATE
+        tokenizer.name_or_path = "tiny-hermes-tools-test"
+    elif style == "llama31":
+        tokenizer.add_special_tokens({"additional_special_tokens": _LLAMA31_SPECIAL})
+        tokenizer.eos_token = "<|eot_id|>"  # as in Llama-3.1-Instruct: generation stops at the turn end
+        tokenizer.chat_template = LLAMA31_TOOL_TEMPLATE
+        tokenizer.name_or_path = "tiny-llama31-tools-test"
+    else:
+        raise ValueError(f"make_tool_tokenizer: style must be 'hermes' or 'llama31', got {style!r}")
+    return tokenizer

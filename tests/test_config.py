@@ -1,9 +1,11 @@
 """RRConfig: paper defaults, typed key=value overrides, YAML recipes, helpful errors."""
 import dataclasses
+import re
+import typing
 
 import pytest
 
-from circuit_breakers.config import ConfigError, RRConfig, parse_overrides, read_yaml
+from circuit_breakers.config import COMMAND_LINE, RANGES, ConfigError, RRConfig, parse_overrides, read_yaml
 
 
 def test_defaults_are_the_papers():
@@ -134,10 +136,43 @@ def test_bad_choice_values(item, field):
     ({"lora_dropout": 1.0}, "lora_dropout"),
     ({"drop_instruction_prob": 1.5}, "drop_instruction_prob"),
     ({"schedule_denominator": 0}, "schedule_denominator"),
+    ({"frozen_cache_gb": -1}, "frozen_cache_gb: expected a number >= 0"),
+    ({"max_length": 1}, "max_length: expected an integer >= 16"),
+    ({"lr": float("nan")}, "lr"),
+    ({"alpha": float("inf")}, "alpha"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"retain_weight": -1}, "retain_weight"),
+    ({"seed": -1}, "seed"),
+    ({"save_every": -1}, "save_every"),
+    ({"keep_checkpoints": 0}, "keep_checkpoints"),
+    ({"activation_memory_gb": 0}, "activation_memory_gb"),
 ])
 def test_bad_values(values, fragment):
     with pytest.raises(ConfigError, match=fragment):
         RRConfig.from_dict(values)
+
+
+def test_every_numeric_field_has_a_range():
+    hints = typing.get_type_hints(RRConfig)
+    numeric = {f.name for f in dataclasses.fields(RRConfig)
+               if {int, float} & {hints[f.name], *typing.get_args(hints[f.name])}}
+    assert numeric == set(RANGES)
+    for key, bounds in RANGES.items():  # every default lies in its range
+        default = getattr(RRConfig(), key)
+        assert all(bounds.contains(v) for v in (default if isinstance(default, list) else [default]) if v is not None)
+
+
+def test_override_errors_name_the_command_line_and_recipe_errors_the_file(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("steps: 5\n")
+    with pytest.raises(ConfigError) as err:
+        RRConfig.load(recipe, ["frozen_cache_gb=-1"])
+    assert str(err.value).startswith(f"{COMMAND_LINE}: frozen_cache_gb") and "recipe.yaml" not in str(err.value)
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{COMMAND_LINE}: unknown key(s) lrate")):
+        RRConfig.load(recipe, ["lrate=1"])
+    recipe.write_text("steps: 0\n")
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: steps"):
+        RRConfig.load(recipe, ["lr=1e-3"])
 
 
 # ---------------------------------------------------------------- YAML files

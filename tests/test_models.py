@@ -8,8 +8,9 @@ from torch import nn
 
 from circuit_breakers import models
 from circuit_breakers.hidden import capture_hidden_states
-from circuit_breakers.models import (Architecture, ModelError, cache_dir, drop_blocks_after, find_architecture,
-                                     load_model, resolve_dtype, resolve_model_path)
+from circuit_breakers.models import (Architecture, ModelError, cache_dir, check_gguf, drop_blocks_after,
+                                     embedded_gguf_path, find_architecture, load_model, locate_model, resolve_device,
+                                     resolve_dtype, resolve_model_path)
 
 from .helpers import make_tiny_model
 
@@ -185,6 +186,67 @@ def test_resolve_local_dir_and_hub_id(tmp_path, monkeypatch):
     assert resolve_model_path(str(tmp_path)) == str(tmp_path)
     monkeypatch.chdir(tmp_path)
     assert resolve_model_path("some-org/some-model") == "some-org/some-model"
+
+
+@pytest.mark.parametrize("spec", ["./runs/model", "../model", "/no/such/model", "~/no-such-cb-model", "runs/rr/model"])
+def test_a_missing_path_is_no_such_directory_not_a_bad_hub_id(spec):
+    with pytest.raises(ModelError, match="no such directory or file"):
+        locate_model(spec)
+
+
+def test_a_hub_id_passes_without_loading_and_a_file_is_not_a_model(tmp_path):
+    assert locate_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert locate_model("gpt2") == "gpt2"
+    (tmp_path / "weights.txt").write_text("x")
+    with pytest.raises(ModelError, match="weights.txt: not a model"):
+        locate_model(str(tmp_path / "weights.txt"))
+
+
+def test_the_shipped_gguf_passes_the_header_check():
+    check_gguf(embedded_gguf_path())
+
+
+@pytest.mark.parametrize("cut, fragment", [
+    (20, "inside the metadata count"),
+    (2**20, "holds 48900 items, more than the rest of the file"),  # the tokenizer's merges
+    (5 * 2**20, "tensor 'token_embd.weight' (30081024 bytes) ends at byte"),
+])
+def test_a_truncated_gguf_names_the_file_and_where_it_ends(tmp_path, cut, fragment):
+    path = tmp_path / "cut.gguf"
+    with open(embedded_gguf_path(), "rb") as handle:
+        path.write_bytes(handle.read(cut))
+    with pytest.raises(ModelError) as err:
+        check_gguf(path)
+    assert str(err.value).startswith(f"{path}: truncated") and fragment in str(err.value)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"", "not a GGUF file"),
+    (b"PK\x03\x04" + bytes(60), "not a GGUF file"),
+    (b"GGUF" + (1).to_bytes(4, "little") + bytes(16), "GGUF version 1, expected one of 2, 3"),
+    # version 3, 0 tensors, 1 key "k" of value type 99
+    (b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little")
+     + (1).to_bytes(8, "little") + b"k" + (99).to_bytes(4, "little"), "metadata 'k' has the unknown value type 99"),
+])
+def test_a_garbage_gguf_is_refused_from_its_header(tmp_path, content, fragment):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ModelError, match=fragment):
+        check_gguf(path)
+
+
+def test_devices_are_checked_against_this_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    for device, fragment in (("cuda", "no CUDA GPU"), ("cuda:1", "no CUDA GPU"), ("gpu", "expected auto, cpu"),
+                             ("meta", "expected auto, cpu")):
+        with pytest.raises(ModelError, match=fragment):
+            resolve_device(device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ModelError, match="has 2 CUDA GPU"):
+        resolve_device("cuda:2")
 
 
 def test_cache_dir_honours_environment(tmp_path, monkeypatch):

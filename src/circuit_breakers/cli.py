@@ -1,10 +1,21 @@
-"""The `circuit-breakers` command. Thin: parses arguments and calls the Python API."""
+"""The `circuit-breakers` command. Thin: parses arguments and calls the Python API.
+
+No input ends in a traceback: a bad config, data file, model, device or output directory is one line on
+stderr naming what is wrong (exit status 2; 1 for a file-system failure, a missing package or a non-finite
+loss), and Ctrl-C or SIGTERM stops the command with one line (exit status 130 or 143; `train` says where
+its last checkpoint is). A second Ctrl-C exits at once. A failed command leaves no empty --out behind.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shlex
+import signal
 import sys
+import threading
+from pathlib import Path
 
 from .config import ConfigError
 from .data.schema import DataError
@@ -21,10 +32,14 @@ SUBCOMMAND_MODULES = {
     "probe": "circuit_breakers.probes.cli",
     "serve": "circuit_breakers.serving.cli",
 }
+# The server shuts down gracefully on its own signal handlers (uvicorn's): the CLI leaves them alone.
+OWN_SIGNAL_HANDLING = ("serve",)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="circuit-breakers", description=__doc__)
+    parser = argparse.ArgumentParser(prog="circuit-breakers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMAND_MODULES.values():
         importlib.import_module(name).register(commands)
@@ -36,14 +51,127 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     args.argv = argv  # `train --accelerate-config` re-executes the command line itself
     module = importlib.import_module(SUBCOMMAND_MODULES[args.command])
-    try:
-        return module.run(args)
-    except (ConfigError, DataError, ModelError) as err:
-        print(f"circuit-breakers: error: {err}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:  # a NaN or infinite loss: the message names the step and the checkpoint
-        print(f"circuit-breakers: error: {err}", file=sys.stderr)
-        return 1
+    new_out = _first_missing(getattr(args, "out", None))
+    code = 1
+    with StopSignals(enabled=args.command not in OWN_SIGNAL_HANDLING) as signals:
+        try:
+            code = module.run(args)
+        except (ConfigError, DataError, ModelError) as err:
+            code = _error(err, 2)
+        except (FloatingPointError, OSError, ImportError) as err:  # a non-finite loss names its step and checkpoint
+            code = _error(err, 1)
+        except KeyboardInterrupt as err:
+            signum = signals.received or signal.SIGINT
+            print(f"circuit-breakers: interrupted ({signal.Signals(signum).name}){_resume_hint(err)}",
+                  file=sys.stderr)
+            code = 128 + signum
+        finally:
+            if code != 0 and new_out is not None:
+                _remove_if_empty(new_out)
+    return code
+
+
+def _error(err: BaseException, code: int) -> int:
+    print(f"circuit-breakers: error: {err}", file=sys.stderr)
+    return code
+
+
+def _resume_hint(err: KeyboardInterrupt) -> str:
+    """Where an interrupted training run (train, demo) stands and the command that continues it; else ""."""
+    # Loaded when training ran; never imported here, which would load torch after a Ctrl-C.
+    checkpoint = sys.modules.get("circuit_breakers.training.checkpoint")
+    if checkpoint is None or not isinstance(err, checkpoint.TrainingInterrupted) or err.out is None:
+        return ""
+    resume = f"`circuit-breakers train --resume {shlex.quote(str(err.out))}`"
+    if err.checkpoint is not None:
+        return f" in training step {err.step}; the last checkpoint is {err.checkpoint}; continue with {resume}"
+    return f" in training step {err.step}, before any checkpoint was written; {resume} starts it again"
+
+
+# ---------------------------------------------------------------- --out
+
+
+def _first_missing(out: str | None) -> Path | None:
+    """The outermost directory on the way to `out` that does not exist yet (None when nothing would be new)."""
+    if not out:
+        return None
+    path = Path(out).absolute()
+    if path.exists() or path.is_symlink():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _remove_if_empty(top: Path) -> None:
+    """Remove `top` when it holds nothing but empty directories: what a failed command created and never used."""
+    if not top.is_dir() or top.is_symlink():
+        return
+    for directory, _, files in os.walk(top, topdown=False):
+        if files:
+            return
+        try:
+            os.rmdir(directory)
+        except OSError:  # not empty after all (a symlink, something written meanwhile): keep it
+            return
+
+
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+
+
+class StopSignals:
+    """Ctrl-C and SIGTERM stop a command the same way: the first raises KeyboardInterrupt in the main thread
+    (`received` says which signal it was; the trainer turns it into TrainingInterrupted). A second one exits
+    at once (status 128 + signal), even while the main thread is stuck in a long C call that delays Python's
+    handlers: a watcher thread counts the signals from the wakeup pipe, which the C-level handler writes."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        # Signal handlers can only be set from the main thread (an in-process caller may be another one).
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: int | None = None
+
+    def __enter__(self) -> "StopSignals":
+        if not self.enabled:
+            return self
+        self._previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)  # the C handler must never block on a full pipe
+        self._previous_wakeup = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._handle)
+        self._watcher = threading.Thread(target=self._watch, name="circuit-breakers-signals", daemon=True)
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.enabled:
+            return
+        signal.set_wakeup_fd(self._previous_wakeup)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        os.close(self._write)  # the watcher reads end-of-file and returns
+        self._watcher.join()
+        os.close(self._read)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            _exit_now(signum)
+        self.received = signum
+        raise KeyboardInterrupt
+
+    def _watch(self) -> None:
+        seen = 0
+        while data := os.read(self._read, 64):
+            for signum in data:
+                if signum in STOP_SIGNALS:
+                    seen += 1
+                    if seen > 1:
+                        _exit_now(signum)
+
+
+def _exit_now(signum: int) -> None:
+    os.write(2, f"\ncircuit-breakers: {signal.Signals(signum).name} again: exiting at once\n".encode())
+    os._exit(128 + signum)
 
 
 if __name__ == "__main__":

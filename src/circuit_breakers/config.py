@@ -6,7 +6,9 @@ are rejected with the list of valid ones; values are type-checked against the fi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -23,6 +25,49 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 
 class ConfigError(ValueError):
     """A config file, key or value that cannot be used."""
+
+
+# Where `key=value` overrides come from, as errors name it (a recipe's own errors name the recipe file).
+COMMAND_LINE = "command line (key=value)"
+# The shortest max_length that holds a chat-formatted request and a response: even a bare ChatML prompt
+# is ~8 tokens. Longer prompts are checked item by item when the data is tokenised.
+MIN_MAX_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The valid range of a number: `low`/`high` inclusive unless `low_open`/`high_open`; never NaN or infinite."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""  # shown after the range, e.g. what the value must leave room for
+
+    def contains(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self, kind: type = float) -> str:
+        noun = "an integer" if kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            text = f"{noun} in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        elif self.low is not None and kind is int and self.low_open:
+            text = f"{noun} >= {int(self.low) + 1}"
+        elif self.low is not None:
+            text = f"{noun} {'>' if self.low_open else '>='} {self.low}"
+        else:
+            text = f"{noun} {'<' if self.high_open else '<='} {self.high}"
+        return f"{text} ({self.why})" if self.why else text
+
+
+POSITIVE = Bounds(0, low_open=True)
+NON_NEGATIVE = Bounds(0)
+AT_LEAST_ONE = Bounds(1)
+PROBABILITY = Bounds(0, 1)
 
 
 def _field(default, help: str, **kwargs):
@@ -47,6 +92,10 @@ class RRConfig:
     truncation: str = _field("response", "response: cut long responses at max_length; error: reject them")
     drop_instruction_prob: float = _field(0.0, "probability of replacing a request by an empty user turn")
     refusal_retain: bool = _field(True, "add harmful requests answered by refusals to the retain set")
+    tool_format: str = _field(
+        "template", "how examples with tools and tool calls are written: template (the chat template's own tool "
+                    "support; an error if it has none) or json (tools listed in a system turn, each call a JSON "
+                    "object in the assistant's text)")
     # ---- RR
     target_layers: list[int] = _field([10, 20], "hidden-state entries the rerouting loss acts on")
     alpha: float = _field(10.0, "loss-coefficient scale: 10 for Llama-3-8B, 5 for Mistral-7B")
@@ -101,28 +150,22 @@ class RRConfig:
         choices = {"retain_normalization": ("reference", "masked_mean"), "retain_distance": ("l2", "relative_l2"),
                    "reroute_tokens": ("all", "response"), "seeded_start": ("none", "target", "lora"),
                    "truncation": ("response", "error"),
+                   "tool_format": ("template", "json"),
                    "gradient_checkpointing": ("auto", "true", "false")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        positive = ("steps", "batch_size", "grad_accum", "lr", "alpha", "lora_r", "lora_alpha", "max_length",
-                    "reference_length", "log_every", "max_grad_norm", "seeded_start_scale")
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key}: expected a positive number, got {getattr(self, key)}")
-        if not 0.0 <= self.drop_instruction_prob <= 1.0 or not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError("drop_instruction_prob must be in [0, 1] and lora_dropout in [0, 1)")
-        if not self.target_layers or min(self.target_layers) < 1:
-            raise ConfigError(f"target_layers: expected hidden-state entries >= 1, got {self.target_layers}")
+        hints = typing.get_type_hints(type(self))
+        for key, bounds in RANGES.items():
+            value = getattr(self, key)
+            for item in value if isinstance(value, list) else [value]:
+                if item is not None and not bounds.contains(item):
+                    kind = int if int in (hints[key], *typing.get_args(hints[key])) else float
+                    raise ConfigError(f"{key}: expected {bounds.describe(kind)}, got {value}")
+        if not self.target_layers:
+            raise ConfigError("target_layers: expected at least one hidden-state entry, got []")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
-        if self.save_every < 0 or self.keep_checkpoints < 1:
-            raise ConfigError(f"save_every must be >= 0 (0 = off) and keep_checkpoints >= 1, "
-                              f"got {self.save_every} and {self.keep_checkpoints}")
-        if self.schedule_denominator is not None and self.schedule_denominator <= 0:
-            raise ConfigError("schedule_denominator: expected a positive integer")
-        if self.activation_memory_gb is not None and self.activation_memory_gb <= 0:
-            raise ConfigError(f"activation_memory_gb: expected a positive number, got {self.activation_memory_gb}")
 
     @property
     def denominator(self) -> int:
@@ -137,14 +180,17 @@ class RRConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> "RRConfig":
+        """A YAML file's config with `overrides` on top: `key=value` strings (the command line's) or a mapping.
+        The file is checked on its own first, so that each error names where its value came from."""
         values: dict[str, Any] = {}
         if path is not None:
-            values.update(read_yaml(path))
+            values = read_yaml(path)
+            config = cls.from_dict(values, where=str(path))
+            if not overrides:
+                return config
         if isinstance(overrides, dict):
-            values.update(overrides)
-        elif overrides:
-            values.update(parse_overrides(overrides))
-        return cls.from_dict(values, where=str(path) if path else "overrides")
+            return cls.from_dict({**values, **overrides}, where="overrides")
+        return cls.from_dict({**values, **parse_overrides(overrides or [])}, where=COMMAND_LINE)
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> "RRConfig":
@@ -160,6 +206,36 @@ class RRConfig:
     def help(cls) -> str:
         return "\n".join(f"  {f.name} = {f.default if f.default is not dataclasses.MISSING else f.default_factory()!r}"
                          f"  # {f.metadata['help']}" for f in dataclasses.fields(cls))
+
+
+# The valid range of every numeric field (tests/test_config.py checks that none is missing).
+RANGES: dict[str, Bounds] = {
+    "max_length": Bounds(MIN_MAX_LENGTH, why="room for a chat-formatted request and a response"),
+    "drop_instruction_prob": PROBABILITY,
+    "target_layers": Bounds(1, why="hidden-state entries; 0 is the embeddings"),
+    "alpha": POSITIVE, "schedule_denominator": POSITIVE, "reference_length": POSITIVE,
+    "retain_weight": NON_NEGATIVE, "seeded_start_scale": POSITIVE,
+    "lora_r": POSITIVE, "lora_alpha": POSITIVE, "lora_dropout": Bounds(0, 1, high_open=True),
+    "steps": POSITIVE, "batch_size": POSITIVE, "grad_accum": POSITIVE, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+    "max_grad_norm": POSITIVE, "frozen_cache_gb": Bounds(0, why="0 = off"), "activation_memory_gb": POSITIVE,
+    "seed": Bounds(0, 2**32 - 1), "log_every": POSITIVE, "save_every": Bounds(0, why="0 = off"),
+    "keep_checkpoints": AT_LEAST_ONE,
+}
+
+
+def bounded(kind: type, bounds: Bounds):
+    """An argparse `type`: a `kind` (int or float) within `bounds`, so that `--limit 0` fails before anything loads."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {bounds.describe(kind)}, got {text!r}") from None
+        if not bounds.contains(value):
+            raise argparse.ArgumentTypeError(f"expected {bounds.describe(kind)}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
 
 
 def shipped_yaml(name_or_path: str, directory: Path, option: str, what: str) -> Path:
@@ -201,7 +277,7 @@ def parse_overrides(items: list[str]) -> dict:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value")
+            raise ConfigError(f"{COMMAND_LINE}: {item!r}: expected key=value")
         try:
             value = yaml.safe_load(raw) if raw else None
         except yaml.YAMLError:

@@ -394,6 +394,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .data.builtin import check_training_data
+    from .models import check_model
+
     config = RRConfig.load(recipe_path(args.config), args.overrides)
+    # Before the model loads and --out is created: a bad model, device or data file fails in a second.
+    check_model(config.model, dtype=config.dtype, device=config.device)
+    check_training_data(config)
     run_demo(config, args.out, retrain=args.retrain, evaluate=not args.no_eval, judge_agreement=args.judge_agreement)
     return 0

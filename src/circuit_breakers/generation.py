@@ -15,9 +15,11 @@ from typing import Sequence
 import torch
 
 
-def chat_prompt(tokenizer, conversation: list[dict], prefill: str = "") -> str:
-    """The text a model sees: the chat template with the assistant header, then `prefill`."""
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+def chat_prompt(tokenizer, conversation: Sequence[dict], prefill: str = "", tools: Sequence[dict] | None = None) -> str:
+    """The text a model sees: the chat template with the assistant header, then `prefill`. `tools`
+    (OpenAI tool definitions) are rendered where the template puts them; none when empty."""
+    text = tokenizer.apply_chat_template(list(conversation), tools=list(tools) if tools else None,
+                                         add_generation_prompt=True, tokenize=False)
     return text + prefill
 
 
@@ -58,14 +60,16 @@ def use_vllm(model: torch.nn.Module, model_path: str, **options) -> VLLMBackend:
 
 @torch.no_grad()
 def generate(model, tokenizer, conversations: Sequence[list[dict]], *, prefills: Sequence[str] | None = None,
-             max_new_tokens: int = 128, batch_size: int = 16, progress: bool = False, desc: str = "generating",
-             torch_only: bool = False) -> list[str]:
-    """Greedy completions, batched by similar prompt length; returns the new text only. `torch_only`:
-    never the vLLM backend (for a model changed by hooks, which vLLM's copy of the weights would not see)."""
+             tools: Sequence[Sequence[dict] | None] | None = None, max_new_tokens: int = 128, batch_size: int = 16,
+             progress: bool = False, desc: str = "generating", torch_only: bool = False) -> list[str]:
+    """Greedy completions, batched by similar prompt length; returns the new text only. `tools`: each
+    conversation's tool definitions (or None). `torch_only`: never the vLLM backend (for a model changed by
+    hooks, which vLLM's copy of the weights would not see)."""
     from tqdm.auto import tqdm
 
     prefills = list(prefills) if prefills is not None else [""] * len(conversations)
-    texts = [chat_prompt(tokenizer, c, p) for c, p in zip(conversations, prefills)]
+    tools = list(tools) if tools is not None else [None] * len(conversations)
+    texts = [chat_prompt(tokenizer, c, p, t) for c, p, t in zip(conversations, prefills, tools)]
     backend = None if torch_only else _BACKENDS.get(model)
     if backend is not None:
         return backend.generate([tokenizer(t, add_special_tokens=False).input_ids for t in texts], max_new_tokens)

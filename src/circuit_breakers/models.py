@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,10 +179,30 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ModelError(f"dtype: expected auto, float32, bfloat16 or float16, got {dtype!r}") from None
 
 
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
 def resolve_device(device: str = "auto") -> torch.device:
+    """`device` as a torch.device, checked against this machine: `cuda` needs a visible GPU of that index."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelError(f"device {device!r}: expected {DEVICES}") from None
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelError(f"device {device!r}: no CUDA GPU is available here (torch.cuda.is_available() is "
+                             "False); use device cpu or auto")
+        if target.index is not None and target.index >= count:
+            raise ModelError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif target.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ModelError(f"device {device!r}: MPS is not available here; use device cpu or auto")
+    elif target.type != "cpu":
+        raise ModelError(f"device {device!r}: expected {DEVICES}")
+    return target
 
 
 def embedded_gguf_path() -> Path:
@@ -197,18 +218,140 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def gguf_to_checkpoint(gguf_path: Path) -> Path:
-    """Dequantise a GGUF file once into a cached safetensors checkpoint and return its directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+# ---------------------------------------------------------------- GGUF files
 
+GGUF_VERSIONS = (2, 3)  # the versions transformers' GGUF reader (gguf-py) reads
+# metadata value type -> bytes: (u)int8, (u)int16, (u)int32, float32, bool, (u)int64, float64
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_UINT32, _GGUF_STRING, _GGUF_ARRAY = 4, 8, 9
+_GGUF_MAX_DIMS = 4
+
+
+class _GGUFHeader:
+    """Sequential reads through a GGUF file's header. Every read is checked against the file's size first,
+    so a truncated or garbage file is a ModelError naming the file and the field, never a struct or
+    reshape error deep inside transformers."""
+
+    def __init__(self, handle, path: Path, size: int) -> None:
+        self.handle, self.path, self.size, self.pos = handle, path, size, 0
+        self.order = "little"
+
+    def fail(self, problem: str) -> ModelError:
+        return ModelError(f"{self.path}: {problem}; not a loadable GGUF file (an incomplete download?)")
+
+    def _advance(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(f"truncated: the file ends ({self.size} bytes) inside {what}")
+        self.pos += n
+
+    def skip(self, n: int, what: str) -> None:
+        self._advance(n, what)
+        self.handle.seek(n, os.SEEK_CUR)
+
+    def read(self, n: int, what: str) -> bytes:
+        self._advance(n, what)
+        return self.handle.read(n)
+
+    def uint(self, n: int, what: str) -> int:
+        return int.from_bytes(self.read(n, what), self.order)
+
+    def string(self, what: str) -> str:
+        return self.read(self.uint(8, f"the length of {what}"), what).decode("utf-8", "replace")
+
+    def skip_value(self, kind: int, what: str, depth: int = 0) -> None:
+        if kind in _GGUF_SCALAR_BYTES:
+            self.skip(_GGUF_SCALAR_BYTES[kind], what)
+        elif kind == _GGUF_STRING:
+            self.skip(self.uint(8, f"the length of {what}"), what)
+        elif kind == _GGUF_ARRAY and depth < 4:
+            item, count = self.uint(4, f"the item type of {what}"), self.uint(8, f"the length of {what}")
+            smallest = _GGUF_SCALAR_BYTES.get(item, 8)  # a string or an array takes at least its 8-byte length
+            if count * smallest > self.size - self.pos:  # garbage counts fail here, not after millions of reads
+                raise self.fail(f"truncated: {what} holds {count} items, more than the rest of the file")
+            if item in _GGUF_SCALAR_BYTES:
+                self.skip(count * smallest, what)
+            else:
+                for _ in range(count):
+                    self.skip_value(item, what, depth + 1)
+        else:
+            raise self.fail(f"{what} has the unknown value type {kind}")
+
+
+def check_gguf(path: str | os.PathLike) -> None:
+    """Check a GGUF file's header (magic, version, metadata) and that every tensor's data lies within the
+    file, reading only the header. Raises ModelError naming the file and what is wrong."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        header = _GGUFHeader(handle, path, size)
+        if size < 4 or header.read(4, "the magic bytes") != b"GGUF":
+            raise ModelError(f"{path}: not a GGUF file (it does not start with the bytes GGUF)")
+        raw = header.read(4, "the version")
+        version = int.from_bytes(raw, "little")
+        if version not in GGUF_VERSIONS and int.from_bytes(raw, "big") in GGUF_VERSIONS:
+            header.order, version = "big", int.from_bytes(raw, "big")
+        if version not in GGUF_VERSIONS:
+            raise ModelError(f"{path}: GGUF version {version}, expected one of "
+                             f"{', '.join(map(str, GGUF_VERSIONS))} (what transformers reads)")
+        tensor_count, kv_count = header.uint(8, "the tensor count"), header.uint(8, "the metadata count")
+        alignment = 32
+        for i in range(kv_count):
+            key = header.string(f"metadata key {i}")
+            kind = header.uint(4, f"the type of metadata {key!r}")
+            if key == "general.alignment" and kind == _GGUF_UINT32:
+                alignment = header.uint(4, f"metadata {key!r}")
+                if alignment == 0 or alignment & (alignment - 1):
+                    raise header.fail(f"general.alignment is {alignment}, not a power of two")
+            else:
+                header.skip_value(kind, f"metadata {key!r}")
+        tensors = []
+        for i in range(tensor_count):
+            name = header.string(f"the name of tensor {i}")
+            n_dims = header.uint(4, f"tensor {name!r}")
+            if not 1 <= n_dims <= _GGUF_MAX_DIMS:
+                raise header.fail(f"tensor {name!r} has {n_dims} dimensions (1 to {_GGUF_MAX_DIMS} expected)")
+            elements = 1
+            for _ in range(n_dims):
+                elements *= header.uint(8, f"the shape of tensor {name!r}")
+            kind = header.uint(4, f"the type of tensor {name!r}")
+            try:
+                block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            except (ValueError, KeyError):
+                raise header.fail(f"tensor {name!r} has the unknown data type {kind}") from None
+            if elements % block:
+                raise header.fail(f"tensor {name!r} has {elements} values, not whole blocks of {block}")
+            tensors.append((name, header.uint(8, f"the offset of tensor {name!r}"), elements // block * block_bytes))
+    data_start = -(-header.pos // alignment) * alignment
+    for name, offset, nbytes in tensors:
+        end = data_start + offset + nbytes
+        if end > size:
+            raise header.fail(f"truncated: tensor {name!r} ({nbytes} bytes) ends at byte {end}, past the end of "
+                              f"the file ({size} bytes)")
+
+
+def _gguf_cache_target(gguf_path: Path) -> Path:
+    """Where the dequantised checkpoint of a GGUF file is cached (keyed by its path, size and mtime)."""
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+    return cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+
+
+def gguf_to_checkpoint(gguf_path: Path) -> Path:
+    """Dequantise a GGUF file once into a cached safetensors checkpoint and return its directory (its header
+    is checked by `locate_model`, which resolve_model_path calls first)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target = _gguf_cache_target(gguf_path)
     if (target / "config.json").is_file():
         return target
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                  dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                      dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as err:  # a valid header over contents transformers cannot read: an architecture it lacks, ...
+        raise ModelError(f"{gguf_path}: transformers cannot load this GGUF file ({type(err).__name__}: {err})") from err
     # transformers refuses to save a GGUF-loaded model: rebuild it from a clean config.
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -222,20 +365,54 @@ def gguf_to_checkpoint(gguf_path: Path) -> Path:
     return target
 
 
-def resolve_model_path(spec: str) -> str:
-    """Map a --model value to something `from_pretrained` takes: a directory or a hub id."""
-    if spec == EMBEDDED_DEFAULT:
-        return str(gguf_to_checkpoint(embedded_gguf_path()))
-    path = Path(spec).expanduser()
+# ---------------------------------------------------------------- --model values
+
+# A hub id: NAME or ORG/NAME of letters, digits, _ . and - (huggingface_hub checks the finer rules).
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec no hub id could be. Not "contains /": a hub id is ORG/NAME, so only a second / counts."""
+    separators = {os.sep, os.altsep} - {None, "/"}  # a backslash on Windows
+    return (spec.startswith(("./", "../", "/", "~")) or spec.count("/") > 1
+            or any(sep in spec for sep in separators))
+
+
+def locate_model(spec: str) -> Path | str:
+    """What a --model value names, checked without loading anything: a GGUF file (its header validated
+    unless already converted), a checkpoint directory, or a hub id. Raises ModelError naming the spec."""
+    path = embedded_gguf_path() if spec == EMBEDDED_DEFAULT else Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"{spec}: no such GGUF file")
-        return str(gguf_to_checkpoint(path))
-    if path.exists():
+        if not (_gguf_cache_target(path) / "config.json").is_file():
+            check_gguf(path)
+        return path
+    if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{spec}: a local model directory needs a config.json")
-        return str(path)
-    return spec  # a hub id
+        return path
+    if path.exists():
+        raise ModelError(f"{spec}: not a model: expected a checkpoint directory (with config.json), a .gguf "
+                         "file, a hub id or smollm2-135m")
+    if _looks_like_path(spec) or not _HUB_ID.fullmatch(spec) or "--" in spec or ".." in spec:
+        raise ModelError(f"{spec}: no such directory or file")
+    return spec
+
+
+def resolve_model_path(spec: str) -> str:
+    """Map a --model value to something `from_pretrained` takes: a directory or a hub id."""
+    target = locate_model(spec)
+    if isinstance(target, Path) and target.suffix == ".gguf":
+        return str(gguf_to_checkpoint(target))
+    return str(target)
+
+
+def check_model(spec: str, *, dtype: str = "auto", device: str = "auto") -> None:
+    """Everything `load_model` checks before it loads: device, dtype and what the spec names. For commands
+    to call first, so that a bad --model or device fails in a second, before data or outputs are touched."""
+    resolve_dtype(dtype, resolve_device(device))
+    locate_model(spec)
 
 
 def base_model_name(spec: str) -> str:
@@ -253,7 +430,7 @@ def load_model(spec: str, *, dtype: str = "auto", device: str = "auto"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a config transformers does not know, a bad repo id
         raise ModelError(f"{spec}: cannot load model ({err}). Nothing is downloaded when offline: "
                          "pass a local directory, a .gguf file or smollm2-135m") from err
     if tokenizer.pad_token_id is None:

@@ -5,7 +5,7 @@ import pytest
 from circuit_breakers.attacks import ATTACKS, config_fields, make_attack
 from circuit_breakers.attacks.base import budget_of
 
-NAMES = ["direct", "prefilling", "templates", "embedding", "embedding_improved", "gcg", "refusal_ablation",
+NAMES = ["direct", "prefilling", "templates", "forced_call", "embedding", "embedding_improved", "gcg", "refusal_ablation",
          "refusal_addition", "base64", "rot13", "leetspeak", "translation", "pair"]
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from circuit_breakers.config import ConfigError, RRConfig
-from circuit_breakers.data import TokenizedExample
+from circuit_breakers.data import TokenizedExample, tokenize_examples
 from circuit_breakers.models import base_model_name
 from circuit_breakers.training import RRTrainer, batch_indices
 
@@ -420,3 +420,37 @@ def test_gradient_checkpointing_gives_the_same_training(chat_tokenizer):
         assert b["rerouting_loss"] == pytest.approx(a["rerouting_loss"], abs=1e-6)
         assert b["retain_loss"] == pytest.approx(a["retain_loss"], rel=1e-4, abs=1e-8)
     assert max((lora_off[n] - lora_on[n]).abs().max().item() for n in lora_off) < 1e-4
+
+
+# ---------------------------------------------------------------- tool use
+
+
+@pytest.mark.parametrize("style, kind", [("hermes", "qwen2"), ("llama31", "llama")])
+def test_a_training_step_on_tool_calls_reroutes_the_call_tokens(style, kind):
+    """Harmful tool calls as the circuit-breaker set, benign ones as retain, through the model's own tool
+    template: the call's tokens are what the rerouting loss sees, and a step trains."""
+    from circuit_breakers.data import ChatFormatter, Example
+
+    from ..helpers import make_tool_tokenizer
+
+    tokenizer = make_tool_tokenizer(style)
+    shell = {"type": "function", "function": {"name": "run", "description": "Run a shell command.",
+                                              "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}}}}
+
+    def example(request, command):
+        return Example(response="", request=request, tools=(shell,),
+                       tool_calls=({"type": "function", "function": {"name": "run", "arguments": {"cmd": command}}},))
+    harmful = [example(f"Wipe disk {i}", f"rm -rf /mnt/{i}") for i in range(4)]
+    benign = [example(f"List folder {i}", f"ls /home/{i}") for i in range(4)]
+    formatter = ChatFormatter(tokenizer, 1024)
+    cb, retain = tokenize_examples(harmful, formatter), tokenize_examples(benign, formatter)
+    for item in cb:  # the response span is the call
+        assert "rm -rf" in tokenizer.decode(item.input_ids[item.response_start:])
+        assert "rm -rf" not in tokenizer.decode(item.input_ids[:item.response_start])
+    model = make_tiny_model(kind, vocab_size=len(tokenizer), layers=4)
+    config = RRConfig(model="tiny", target_layers=[2, 3], steps=2, batch_size=2, lr=1e-2, max_length=1024)
+    log = RRTrainer(config, model=model, tokenizer=tokenizer, circuit_breaker_items=cb, retain_items=retain,
+                    progress=False).train().log
+    assert [r["step"] for r in log] == [1, 2]
+    assert log[0]["rerouting_loss"] == pytest.approx(1.0, abs=1e-6)  # B = 0: the original's states
+    assert log[1]["cb_cos"] < 1.0  # the first step moved the call tokens' representations

@@ -19,6 +19,7 @@ from .base import Attack, AttackOutput, Behavior, budget_of
 from .direct import DirectConfig, DirectRequest
 from .embedding import (EmbeddingAttack, EmbeddingAttackConfig, ImprovedEmbeddingAttack,
                         ImprovedEmbeddingAttackConfig)
+from .forced_call import ForcedCall, ForcedCallConfig
 from .gcg import GCG, GCGConfig, GCGResult
 from .pair import PAIR, EndpointAttacker, LocalAttacker, PairConfig
 from .prefilling import Prefilling, PrefillingConfig
@@ -30,7 +31,7 @@ from .transforms import (Base64Attack, Base64Config, LeetspeakAttack, LeetspeakC
 
 ATTACKS: dict[str, type] = {cls.name: cls for cls in (
     DirectRequest, Prefilling, Templates, EmbeddingAttack, ImprovedEmbeddingAttack, GCG, RefusalAblation,
-    RefusalAddition, Base64Attack, Rot13Attack, LeetspeakAttack, TranslationAttack, PAIR,
+    RefusalAddition, Base64Attack, Rot13Attack, LeetspeakAttack, TranslationAttack, PAIR, ForcedCall,
 )}
 
 
@@ -68,7 +69,8 @@ def make_attack(name: str, **overrides):
 
 __all__ = [
     "ATTACKS", "Attack", "AttackOutput", "Base64Attack", "Base64Config", "Behavior", "DirectConfig", "DirectRequest",
-    "EmbeddingAttack", "EmbeddingAttackConfig", "EndpointAttacker", "GCG", "GCGConfig", "GCGResult",
+    "EmbeddingAttack", "EmbeddingAttackConfig", "EndpointAttacker", "ForcedCall", "ForcedCallConfig",
+    "GCG", "GCGConfig", "GCGResult",
     "ImprovedEmbeddingAttack", "ImprovedEmbeddingAttackConfig", "LeetspeakAttack", "LeetspeakConfig",
     "LocalAttacker", "PAIR", "PairConfig", "Prefilling", "PrefillingConfig", "RefusalAblation",
     "RefusalAblationConfig", "RefusalAddition", "RefusalAdditionConfig", "Rot13Attack", "Rot13Config", "Templates",

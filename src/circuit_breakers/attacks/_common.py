@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..generation import chat_prompt
 from .base import Behavior
 
 SLOT_MARKER = "\u2063<<ATTACK-SLOT>>\u2063"
@@ -56,11 +57,11 @@ class SlotPrompt:
         return self.prefix_text + slot + self.after_text
 
 
-def slot_prompt(tokenizer, user_text: str, *, separator: str = " ", system_prompt: str | None = None
-                ) -> SlotPrompt:
-    """The chat prompt with `user_text + separator` before the slot and the assistant header after it."""
-    rendered = tokenizer.apply_chat_template(conversation(user_text + separator + SLOT_MARKER, system_prompt),
-                                             add_generation_prompt=True, tokenize=False)
+def slot_prompt(tokenizer, user_text: str, *, separator: str = " ", system_prompt: str | None = None,
+                tools: Sequence[dict] | None = None) -> SlotPrompt:
+    """The chat prompt with `user_text + separator` before the slot and the assistant header after it;
+    `tools` (a tool-use behaviour's definitions) are rendered where the chat template puts them."""
+    rendered = chat_prompt(tokenizer, conversation(user_text + separator + SLOT_MARKER, system_prompt), tools=tools)
     if rendered.count(SLOT_MARKER) != 1:
         raise ValueError("the chat template altered the attack-slot marker; cannot place the optimised slot")
     prefix, after = rendered.split(SLOT_MARKER)

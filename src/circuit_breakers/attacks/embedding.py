@@ -107,7 +107,8 @@ class EmbeddingAttack:
         device = model_device(model)
         embed = model.get_input_embeddings()
         dtype = embed.weight.dtype
-        prompt = slot_prompt(tokenizer, behavior.user_message(), separator="", system_prompt=cfg.system_prompt)
+        prompt = slot_prompt(tokenizer, behavior.user_message(), separator="", system_prompt=cfg.system_prompt,
+                             tools=behavior.tools)
         target, fallback = target_of(behavior, cfg.fallback_target)
         target_ids = torch.tensor(encode(tokenizer, target), device=device)
         after_ids = torch.tensor(prompt.after_ids, device=device)

@@ -143,7 +143,7 @@ class GCG:
         with frozen(model):
             for behavior in behaviors:
                 prompt = slot_prompt(tokenizer, behavior.user_message(), separator=cfg.separator,
-                                     system_prompt=cfg.system_prompt)
+                                     system_prompt=cfg.system_prompt, tools=behavior.tools)
                 target, fallback = target_of(behavior, cfg.fallback_target)
                 result = self.optimize(model, tokenizer, prompt.prefix_ids, prompt.after_ids,
                                        encode(tokenizer, target), seed=behavior_seed(cfg.seed, behavior.id))

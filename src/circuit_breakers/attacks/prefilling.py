@@ -40,10 +40,10 @@ class Prefilling:
         conversations = [conversation(b.user_message(), cfg.system_prompt) for b in behaviors]
         targets = [target_of(b, cfg.fallback_target) for b in behaviors]
         prefills = [t + cfg.suffix for t, _ in targets]
-        continuations = generate(model, tokenizer, conversations, prefills=prefills,
+        continuations = generate(model, tokenizer, conversations, prefills=prefills, tools=[b.tools for b in behaviors],
                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
         return [AttackOutput(behavior_id=b.id, attack=self.name, prompt=b.user_message(),
                              generations=[p + g], budget=budget_of(cfg),
                              extra={"prefill": p, "continuation": g, "target_fallback": fallback,
-                                    "prompt_text": chat_prompt(tokenizer, c, p)})
+                                    "prompt_text": chat_prompt(tokenizer, c, p, b.tools)})
                 for b, c, p, (_, fallback), g in zip(behaviors, conversations, prefills, targets, continuations)]

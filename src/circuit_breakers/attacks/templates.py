@@ -182,8 +182,8 @@ class Templates:
         prompts = [[fill_template(t.template, b.user_message(), cfg.assistant_name) for t in templates]
                    for b in behaviors]
         flat = [conversation(p, cfg.system_prompt) for row in prompts for p in row]
-        generations = generate(model, tokenizer, flat, max_new_tokens=cfg.max_new_tokens,
-                               batch_size=cfg.batch_size)
+        generations = generate(model, tokenizer, flat, tools=[b.tools for b in behaviors for _ in templates],
+                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
         n = len(templates)
         return [AttackOutput(behavior_id=b.id, attack=self.name,
                              prompt=f"[{n} jailbreak templates, see extra['prompts']] {b.user_message()}",

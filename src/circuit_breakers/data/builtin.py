@@ -8,15 +8,20 @@ Each prompt file is split into train and test by a fixed seed (`split_examples`)
 responses that model generated: `harmful.{train,test}.jsonl` (the circuit-breaker set),
 `benign.*`, `borderline.*` and `refusal.*` (retain sets). Those of the embedded default are
 committed; "builtin" in a config means them.
+
+`builtin/tools/` holds the tool-use sets (written by scripts/make_tool_sets.py): `tools.json`, the tool
+definitions, and `{harmful,benign}.{train,test}.jsonl`, whose records name their tools by name. Their
+responses are written, not generated: a harmful item's response is the harmful call itself.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
-from .loaders import load_examples, read_jsonl
-from .schema import DataError, Example
+from .loaders import jsonl_objects, load_examples, read_jsonl, read_text
+from .schema import Behavior, DataError, Example, example_from_record
 from .formatting import refusal_examples
 
 PROMPTS_DIR = Path(__file__).parent / "builtin"
@@ -24,6 +29,8 @@ GENERATED_DIR = Path(__file__).parent / "generated"
 BUILTIN_MODEL = "smollm2-135m"
 PROMPT_SETS = ("harmful", "benign", "borderline")
 GENERATED_SETS = ("harmful", "benign", "borderline", "refusal")
+TOOLS_DIR = PROMPTS_DIR / "tools"
+TOOL_SETS = {"tools_harmful": "harmful", "tools_benign": "benign"}  # data spec name -> kind
 SPLIT_SEED = 1234
 TEST_FRACTION = 0.2
 
@@ -72,12 +79,57 @@ def generated_set(name: str, split: str, model: str = BUILTIN_MODEL) -> list[Exa
     return load_examples(path)
 
 
+def builtin_tool_definitions() -> dict[str, dict]:
+    """The shipped tool definitions (OpenAI shape) by name."""
+    tools = json.loads(read_text(TOOLS_DIR / "tools.json"))
+    return {tool["function"]["name"]: tool for tool in tools}
+
+
+def _tool_records(kind: str, split: str) -> list[tuple[str, dict]]:
+    """(where, record) of a shipped tool set, its tool names replaced by their definitions."""
+    if kind not in TOOL_SETS.values():
+        raise ValueError(f"built-in tool sets are harmful and benign, not {kind!r}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected train or test, got {split!r}")
+    path = TOOLS_DIR / f"{kind}.{split}.jsonl"
+    definitions = builtin_tool_definitions()
+    records = []
+    for n, record in jsonl_objects(path, read_text(path)):
+        where = f"{path} line {n}"
+        unknown = [name for name in record.get("tools", []) if name not in definitions]
+        if unknown:
+            raise DataError(f'{where}: field "tools": {", ".join(unknown)} not defined in {TOOLS_DIR / "tools.json"}')
+        record = {**record, "tools": [definitions[name] for name in record.get("tools", [])],
+                  "source": f"builtin/tools/{path.name}:{n}"}
+        records.append((where, record))
+    return records
+
+
+def builtin_tool_set(kind: str, split: str = "train") -> list[Example]:
+    """The shipped tool-use examples: `kind` "harmful" (each response is the harmful call) or "benign"
+    (correct calls, some followed by the tool's result and the answer), `split` "train" or "test"."""
+    return [example_from_record(record, where) for where, record in _tool_records(kind, split)]
+
+
+def builtin_tool_behaviors(split: str = "test") -> list[Behavior]:
+    """The shipped harmful tool-use requests as Behaviors, with their tools and `harmful_call`."""
+    behaviors = []
+    for where, record in _tool_records("harmful", split):
+        example = example_from_record(record, where)
+        name = record["harmful_call"]["name"]
+        behaviors.append(Behavior(id=example.id, request=example.request, category=example.category,
+                                  target=f"Sure, I'll use {name} to do that.", tools=example.tools,
+                                  harmful_call=dict(record["harmful_call"])))
+    return behaviors
+
+
 def load_training_sets(cb_specs: list[str], retain_specs: list[str], *, seed: int,
                        response_field: str | None = None, refusals: bool = True
                        ) -> tuple[list[Example], list[Example]]:
     """(circuit-breaker examples, retain examples) from config specs; `builtin` = the shipped sets.
 
-    `builtin:NAME` is one shipped train set (harmful, benign, borderline or refusal).
+    `builtin:NAME` is one shipped train set (harmful, benign, borderline or refusal, or the tool-use sets
+    tools_harmful and tools_benign).
 
     With `refusals`, every circuit-breaker request also enters the retain set answered by one of
     the project's refusal styles, so refusing stays a retained behaviour (paper, Llama-3 recipe).
@@ -91,9 +143,12 @@ def load_training_sets(cb_specs: list[str], retain_specs: list[str], *, seed: in
             elif spec.startswith("builtin:"):
                 # One shipped set by name; listing it again beside "builtin" weights it up.
                 name = spec.removeprefix("builtin:")
+                if name in TOOL_SETS:
+                    examples.extend(builtin_tool_set(TOOL_SETS[name], "train"))
+                    continue
                 if name not in GENERATED_SETS:
                     raise DataError(f"data spec {spec!r}: built-in sets are "
-                                    f"{', '.join('builtin:' + n for n in GENERATED_SETS)}")
+                                    f"{', '.join('builtin:' + n for n in (*GENERATED_SETS, *TOOL_SETS))}")
                 examples.extend(generated_set(name, "train"))
             else:
                 examples.extend(load_examples(spec, response_field=response_field))
@@ -104,3 +159,17 @@ def load_training_sets(cb_specs: list[str], retain_specs: list[str], *, seed: in
     if refusals:
         retain.extend(refusal_examples([e for e in cb if e.request or e.messages], refusal_texts(), seed))
     return cb, retain
+
+
+def check_training_data(config) -> None:
+    """Load and validate the training sets of an RRConfig, as the trainer will, but without a tokenizer: for
+    commands to call before the model loads, so a bad file fails in a second (the trainer loads them again;
+    that is cheap next to loading a model)."""
+    specs = {"circuit_breaker_data": config.circuit_breaker_data, "retain_data": config.retain_data}
+    loaded = dict(zip(specs, load_training_sets(*specs.values(), seed=config.seed,
+                                                response_field=config.response_field,
+                                                refusals=config.refusal_retain)))
+    for key, examples in loaded.items():
+        if not examples:
+            raise DataError(f"{key}: {specs[key]} holds no items; the circuit-breaker and the retain set both "
+                            "need at least one")

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import AT_LEAST_ONE, bounded
+
 
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
     build = data.add_parser("build", help="generate the built-in sets' responses with a model")
     build.add_argument("--model", default="smollm2-135m")
     build.add_argument("--out", help="output directory (default: the package's data/generated/<model>)")
-    build.add_argument("--max-new-tokens", type=int, default=160)
-    build.add_argument("--batch-size", type=int, default=16)
-    build.add_argument("--limit", type=int, help="at most this many prompts per set and split (for a quick look)")
+    positive = bounded(int, AT_LEAST_ONE)
+    build.add_argument("--max-new-tokens", type=positive, default=160)
+    build.add_argument("--batch-size", type=positive, default=16)
+    build.add_argument("--limit", type=positive, help="at most this many prompts per set and split (for a quick look)")
 
 
 def run(args) -> int:

@@ -1,6 +1,17 @@
 """Load examples from JSONL, JSON, CSV, `datasets` directories or the hub; write JSONL.
 
 Every bad input raises DataError naming the file, the line (or row) and the field.
+
+Besides the project's schema (data/schema.py), three public tool-use layouts are recognised by
+their field names and converted, so their files and hub datasets load unchanged:
+
+- OpenAI chat: ``messages`` ending in the assistant turn (possibly with ``tool_calls``), no
+  ``response`` field, optional ``tools``: the last turn becomes the response.
+- Glaive function-calling v2: ``system`` text with the function definitions after "SYSTEM: You
+  are a helpful assistant with access to the following functions...", ``chat`` text of
+  ``USER:``/``ASSISTANT:``/``FUNCTION RESPONSE:`` turns with ``<functioncall> {...}`` calls. The
+  response is the first assistant turn that calls a function (the last turn if none does).
+- xLAM / APIGen: ``query``, ``tools`` and ``answers`` (JSON text); the response is the calls.
 """
 from __future__ import annotations
 
@@ -9,12 +20,13 @@ import io
 import itertools
 import json
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..atomic import atomic_file
-from .schema import DataError, Example, example_from_record
+from .schema import RESPONSE_ALIASES, DataError, Example, example_from_record
 
 SUPPORTED = ('".jsonl", ".json", ".csv", a directory written by datasets save_to_disk, '
              'or "hf:NAME[:SPLIT]"')
@@ -167,6 +179,127 @@ def _rows(spec: str | os.PathLike, split: str, limit: int | None) -> Iterator[Ro
     return reader(path)
 
 
+# ---- public tool-use layouts
+
+def _openai_chat(record: dict) -> dict:
+    """The final assistant turn of `messages` becomes the response and its tool calls."""
+    *history, last = record["messages"]
+    converted = {**record, "messages": history or None, "response": last.get("content") or ""}
+    if last.get("tool_calls"):
+        converted["tool_calls"] = last["tool_calls"]
+    return converted
+
+
+_GLAIVE_TURN = re.compile(r"(?:^|\n)\s*(USER|ASSISTANT|FUNCTION RESPONSE):")
+_GLAIVE_ROLES = {"USER": "user", "ASSISTANT": "assistant", "FUNCTION RESPONSE": "tool"}
+# Glaive quotes the arguments' JSON text in single quotes, which is not JSON: {"name": "f", "arguments": '{...}'}
+_GLAIVE_CALL = re.compile(
+    r"""^\{\s*"name"\s*:\s*"(?P<name>[^"]+)"\s*,\s*"arguments"\s*:\s*'(?P<arguments>.*)'\s*\}$""", re.S)
+
+
+def _glaive_functions(system: str, where: str) -> tuple[str, list]:
+    """(the system text before the definitions, the JSON objects after it)."""
+    text = system.strip().removeprefix("SYSTEM:").strip()
+    decoder, functions = json.JSONDecoder(), []
+    start = text.find("{")
+    preamble = text if start < 0 else text[:start].strip()
+    while start >= 0:
+        try:
+            function, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError as e:
+            raise DataError(f'{where}: field "system": function definition {len(functions) + 1} is not JSON '
+                            f"({e.msg})") from None
+        functions.append(function)
+        start = text.find("{", end)
+    return preamble, functions
+
+
+def _glaive_call(text: str, where: str) -> dict:
+    text = text.strip()
+    match = _GLAIVE_CALL.match(text)
+    if match:
+        return {"name": match["name"], "arguments": match["arguments"]}
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f'{where}: field "chat": a <functioncall> is not JSON ({e.msg}): {text[:80]!r}') from None
+
+
+def _glaive(record: dict, where: str) -> dict:
+    if not isinstance(record["system"], str) or not isinstance(record["chat"], str):
+        raise DataError(f'{where}: fields "system" and "chat" (Glaive layout): expected strings')
+    preamble, functions = _glaive_functions(record["system"], where)
+    parts = _GLAIVE_TURN.split(record["chat"])
+    turns = []
+    for label, content in zip(parts[1::2], parts[2::2]):
+        content = content.replace("<|endoftext|>", "").strip()
+        turn = {"role": _GLAIVE_ROLES[label], "content": content}
+        if label == "ASSISTANT" and "<functioncall>" in content:
+            text, _, call = content.partition("<functioncall>")
+            turn = {"role": "assistant", "content": text.strip(), "tool_calls": [_glaive_call(call, where)]}
+        turns.append(turn)
+    assistant = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
+    if not assistant:
+        raise DataError(f'{where}: field "chat": no ASSISTANT: turn (Glaive layout)')
+    chosen = next((i for i in assistant if turns[i].get("tool_calls")), assistant[-1])
+    # The definitions become `tools`; the system text is kept only when it is all there is.
+    history = ([{"role": "system", "content": preamble}] if preamble and not functions else []) + turns[:chosen]
+    return {"messages": history or None, "tools": functions or None, "response": turns[chosen]["content"],
+            "tool_calls": turns[chosen].get("tool_calls"), **{k: record[k] for k in ("id", "category", "source")
+                                                               if k in record}}
+
+
+_XLAM_TYPES = {"str": "string", "string": "string", "int": "integer", "integer": "integer", "float": "number",
+               "number": "number", "bool": "boolean", "boolean": "boolean", "list": "array", "dict": "object"}
+
+
+def _xlam_parameters(parameters: Any) -> Any:
+    """xLAM's {argument: {"type": "str, optional", "description", "default"}} as a JSON-schema object."""
+    if not isinstance(parameters, dict) or parameters.get("type") == "object":
+        return parameters  # already a schema (or invalid: the schema check names it)
+    properties, required = {}, []
+    for name, spec in parameters.items():
+        spec = spec if isinstance(spec, dict) else {}
+        kind = str(spec.get("type", "string"))
+        base = kind.split(",")[0].split("[")[0].strip().lower()
+        properties[name] = {"type": _XLAM_TYPES.get(base, "string"),
+                            **{k: spec[k] for k in ("description", "default") if k in spec}}
+        if "optional" not in kind and "default" not in spec:
+            required.append(name)
+    return {"type": "object", "properties": properties, "required": required}
+
+
+def _xlam(record: dict, where: str) -> dict:
+    tools = record["tools"]
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise DataError(f'{where}: field "tools": expected JSON text of a list of tools ({e.msg})') from None
+    if isinstance(tools, list):
+        tools = [{**t, "parameters": _xlam_parameters(t.get("parameters", {}))} if isinstance(t, dict) else t
+                 for t in tools]
+    return {"request": record["query"], "tools": tools, "tool_calls": record["answers"], "response": "",
+            **{k: record[k] for k in ("id", "category", "source") if k in record}}
+
+
+def from_public_layout(record: Any, where: str, response_field: str | None = None) -> Any:
+    """A record of a public tool-use layout converted to the project's schema; other records unchanged."""
+    if not isinstance(record, dict):
+        return record
+    if record.get("query") is not None and record.get("answers") is not None:
+        return _xlam(record, where)
+    if record.get("chat") is not None and record.get("system") is not None and record.get("messages") is None:
+        return _glaive(record, where)
+    messages = record.get("messages")
+    has_response = any(record.get(name) is not None
+                       for name in ((response_field,) if response_field else RESPONSE_ALIASES))
+    if (not has_response and isinstance(messages, list) and messages and isinstance(messages[-1], dict)
+            and messages[-1].get("role") == "assistant"):
+        return _openai_chat(record)
+    return record
+
+
 def load_examples(spec: str | os.PathLike, *, response_field: str | None = None,
                   require_response: bool = True, split: str = "train",
                   limit: int | None = None) -> list[Example]:
@@ -180,7 +313,8 @@ def load_examples(spec: str | os.PathLike, *, response_field: str | None = None,
         raise ValueError(f"limit must be a positive integer or None, got {limit}")
     examples = []
     for where, source, record in itertools.islice(_rows(spec, split, limit), limit):
-        example = example_from_record(record, where, response_field=response_field,
+        example = example_from_record(from_public_layout(record, where, response_field), where,
+                                      response_field=response_field,
                                       require_response=require_response)
         examples.append(example if example.source else replace(example, source=source))
     return examples

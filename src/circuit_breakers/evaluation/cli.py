@@ -29,6 +29,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..config import AT_LEAST_ONE, bounded
 from ..judges.base import MEASURES
 from .pipeline import shipped_eval_configs
 from .stats import asr_text, rate_of
@@ -71,8 +72,10 @@ def register(subparsers) -> None:
     p.add_argument("--judge", choices=JUDGE_CHOICES, default="heuristic", action=_Given,
                    help="default: the eval config's, else heuristic")
     p.add_argument("--judge-model", help="harmbench: classifier path or URL[#MODEL]; llm: URL[#MODEL]")
-    p.add_argument("--limit", type=int, help="at most N behaviours (and N prompts per capability set)")
-    p.add_argument("--max-new-tokens", type=int, help="generation length for the attacks that have one")
+    p.add_argument("--limit", type=bounded(int, AT_LEAST_ONE),
+                   help="at most N behaviours (and N prompts per capability set)")
+    p.add_argument("--max-new-tokens", type=bounded(int, AT_LEAST_ONE),
+                   help="generation length for the attacks that have one")
     p.add_argument("--out", help="output directory (results.json, samples.jsonl, report.md, report.html)")
     p.add_argument("--labels", help="hand-labelled JSONL for judge agreement (docs/labelling.md); judge-agreement "
                                     "defaults to the shipped set of smollm2-135m outputs")
@@ -167,7 +170,7 @@ def _eval_config(args):
 def _run(args) -> int:
     if not args.model or not args.out:
         return _error("eval needs --model and --out")
-    from ..models import load_model
+    from ..models import check_model, load_model
     from .behaviors import load_behaviors
     from .pipeline import run_evaluation
     from .sharding import init_shard_processes
@@ -176,6 +179,8 @@ def _run(args) -> int:
         config = _eval_config(args)  # before any model loads: a bad budget fails in a second
     except ValueError as err:
         return _error(str(err))
+    for spec in filter(None, (args.model, args.baseline)):  # so do a bad model, device or behaviours file
+        check_model(spec, dtype=args.dtype, device=args.device)
     behaviors = load_behaviors(args.behaviors, targets=args.targets)
     rank, world = init_shard_processes()  # under a launcher: join the others, take this process's GPU
     try:

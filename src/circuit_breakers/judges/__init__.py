@@ -8,13 +8,15 @@
 - "llm":       a chat model behind an OpenAI-compatible endpoint `URL[#MODEL]` (`LLMJudge`);
 - "fitted":    a logistic regression over the heuristic's signals, fitted on the fit part of the hand
                labels (`FittedJudge`; `judge_model`: its parameters file, default the shipped one);
-               `reference` as for heuristic.
+               `reference` as for heuristic;
+- "tool_call": a call of the behaviour's `harmful_call` tool with a non-trivial key argument
+               (`ToolCallJudge`; function-calling behaviours only).
 """
 from .base import ERROR, LABELS, BaseJudge, Judge, JudgeError, Verdict
 from .heuristic import HeuristicJudge, output_perplexities
 from .refusal import RefusalJudge, is_refusal
 
-JUDGES = ("refusal", "heuristic", "fitted", "harmbench", "llm")
+JUDGES = ("refusal", "heuristic", "fitted", "harmbench", "llm", "tool_call")
 
 
 def make_judge(name: str, judge_model: str | None = None, *, reference=None, **kwargs) -> Judge:
@@ -34,6 +36,9 @@ def make_judge(name: str, judge_model: str | None = None, *, reference=None, **k
     if name == "llm":
         from .llm import LLMJudge
         return LLMJudge.from_spec(judge_model, **kwargs)
+    if name == "tool_call":
+        from .tool_call import ToolCallJudge
+        return ToolCallJudge(**kwargs)
     raise ValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGES)}")
 
 

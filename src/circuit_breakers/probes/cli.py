@@ -6,6 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config import AT_LEAST_ONE, MIN_MAX_LENGTH, NON_NEGATIVE, POSITIVE, Bounds, bounded
+
+COUNT = bounded(int, AT_LEAST_ONE)
+MAX_LENGTH = bounded(int, Bounds(MIN_MAX_LENGTH, why="room for a chat-formatted request and a response"))
+
 
 def register(subparsers) -> None:
     probe = subparsers.add_parser("probe", help="train and evaluate harmfulness probes (a runtime monitor)")
@@ -13,11 +18,12 @@ def register(subparsers) -> None:
 
     train = actions.add_parser("train", help="train a probe, calibrate its threshold, save it")
     train.add_argument("--model", default="smollm2-135m", help="hub id, checkpoint directory, .gguf or smollm2-135m")
-    train.add_argument("--layer", type=int, help="hidden-state entry (block l-1's output); "
+    train.add_argument("--layer", type=bounded(int, NON_NEGATIVE), help="hidden-state entry (block l-1's output); "
                        "default: measured for smollm2-135m (20), else the middle of the stack")
     train.add_argument("--kind", choices=("linear", "mlp"), default="linear")
-    train.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate on the calibration "
-                       "responses, held-out benign ones the probe is not fitted on (default 0.01)")
+    train.add_argument("--fpr", type=bounded(float, Bounds(0, 1, high_open=True)), default=0.01,
+                       help="target false-positive rate on the calibration responses, held-out benign ones the "
+                       "probe is not fitted on (default 0.01)")
     train.add_argument("--out", required=True, help="output directory (probe.safetensors, probe.json)")
     train.add_argument("--positive", action="append", metavar="FILE",
                        help="harmful (circuit-breaker) data; repeatable (default: built-in harmful.train)")
@@ -27,15 +33,16 @@ def register(subparsers) -> None:
                        help="benign responses to calibrate on; repeatable (default: a held-out part of the "
                        "negative sets, built-in: of benign.train and borderline.train; see "
                        "--calibration-fraction)")
-    train.add_argument("--calibration-fraction", type=float, default=0.2, metavar="F",
+    train.add_argument("--calibration-fraction", type=bounded(float, Bounds(0, 1, low_open=True, high_open=True)),
+                       default=0.2, metavar="F",
                        help="without --heldout: the fraction of every category of the benign retain sets "
                        "(built-in: benign.train, borderline.train; else every --negative file) held out from "
                        "fitting to calibrate the threshold on, by item with a fixed seed (default 0.2)")
-    train.add_argument("--max-tokens-per-item", type=int, help="first N response tokens of every training item "
+    train.add_argument("--max-tokens-per-item", type=COUNT, help="first N response tokens of every training item "
                        "only (calibration always scores whole responses)")
-    train.add_argument("--max-length", type=int, default=1024)
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--max-length", type=MAX_LENGTH, default=1024)
+    train.add_argument("--epochs", type=COUNT, default=10)
+    train.add_argument("--lr", type=bounded(float, POSITIVE), default=1e-3)
     train.add_argument("--seed", type=int, default=0)
     _common(train)
 
@@ -52,14 +59,14 @@ def register(subparsers) -> None:
     evaluate.add_argument("--allow-overlap", action="store_true", help="report sets that hold items the probe "
                           "was fitted or calibrated on (refused by default: their rates are in-sample), marked "
                           "IN-SAMPLE")
-    evaluate.add_argument("--max-tokens-per-item", type=int, help="first N response tokens of every item only")
-    evaluate.add_argument("--max-length", type=int, default=1024)
+    evaluate.add_argument("--max-tokens-per-item", type=COUNT, help="first N response tokens of every item only")
+    evaluate.add_argument("--max-length", type=MAX_LENGTH, default=1024)
     evaluate.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     _common(evaluate)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=8, help="items per forward")
+    parser.add_argument("--batch-size", type=COUNT, default=8, help="items per forward")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-progress", action="store_true")
@@ -77,6 +84,16 @@ def _files(paths: list[str] | None) -> dict | None:
             name += "'"
         sets[name] = load_examples(path)
     return sets
+
+
+def _check_layer(model, layer: int | None) -> None:
+    """A probe's hidden-state entry must exist in the model: 0 (embeddings) to the number of blocks."""
+    from ..models import find_architecture
+    from .probe import ProbeError
+
+    blocks = find_architecture(model).num_blocks
+    if layer is not None and layer > blocks:
+        raise ProbeError(f"probe layer {layer}: this model has {blocks} blocks, so hidden-state entries 0 to {blocks}")
 
 
 def run(args) -> int:
@@ -105,18 +122,17 @@ def run(args) -> int:
 
 
 def _train(args) -> int:
-    from ..models import load_model
-    from .probe import ProbeError
+    from ..models import check_model, load_model
     from .train import train_probe
 
-    if not 0.0 <= args.fpr < 1.0:
-        raise ProbeError(f"--fpr must be in [0, 1), got {args.fpr}")
-    if not 0.0 < args.calibration_fraction < 1.0:
-        raise ProbeError(f"--calibration-fraction must be in (0, 1), got {args.calibration_fraction}")
+    # A bad model, device or data file fails before the model loads.
+    check_model(args.model, dtype=args.dtype, device=args.device)
+    positive, negative, heldout = _files(args.positive), _files(args.negative), _files(args.heldout)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    _check_layer(model, args.layer)
     probe = train_probe(model, tokenizer, args.layer, args.kind, args.fpr, args.out,
-                        positive=_files(args.positive), negative=_files(args.negative),
-                        heldout_benign=_files(args.heldout), calibration_fraction=args.calibration_fraction,
+                        positive=positive, negative=negative,
+                        heldout_benign=heldout, calibration_fraction=args.calibration_fraction,
                         seed=args.seed,
                         max_tokens_per_item=args.max_tokens_per_item, max_length=args.max_length,
                         batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
@@ -136,16 +152,22 @@ def _eval(args) -> int:
     import json
 
     from ..atomic import atomic_write_text
-    from ..models import load_model
-    from .evaluate import evaluate_probe
+    from ..models import check_model, load_model
+    from .evaluate import evaluate_probe, read_attack_samples
     from .probe import load_probe
 
+    # The probe, model, device and data files are checked before the model loads.
     probe = load_probe(args.probe)
+    check_model(args.model, dtype=args.dtype, device=args.device)
+    harmful, benign = _files(args.harmful), _files(args.benign)
+    if args.samples:
+        read_attack_samples(args.samples, model=args.samples_model)
     recorded = probe.info.get("base_model")
     if recorded and recorded != args.model:
         print(f"warning: the probe was trained on {recorded}, evaluating on {args.model}", file=sys.stderr)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    result = evaluate_probe(model, tokenizer, probe, harmful=_files(args.harmful), benign=_files(args.benign),
+    _check_layer(model, probe.layer)
+    result = evaluate_probe(model, tokenizer, probe, harmful=harmful, benign=benign,
                             samples=args.samples, samples_model=args.samples_model,
                             max_tokens_per_item=args.max_tokens_per_item,
                             max_length=args.max_length, batch_size=args.batch_size,

@@ -64,6 +64,16 @@ class NonFiniteLossError(FloatingPointError):
     """A loss or gradient norm became NaN or infinite; the message names the step and the last checkpoint."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training into `out` stopped by Ctrl-C (or SIGTERM, which the CLI turns into one) during optimizer step
+    `step`; `checkpoint` is the newest complete checkpoint (None: none was written). A KeyboardInterrupt, so
+    that nothing catching Exception swallows it; the CLI says how to resume."""
+
+    def __init__(self, step: int, checkpoint: Path | None, out: Path | None) -> None:
+        super().__init__()
+        self.step, self.checkpoint, self.out = step, checkpoint, out
+
+
 # ---------------------------------------------------------------- before training
 
 

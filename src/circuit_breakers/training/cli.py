@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..config import ConfigError, RRConfig, parse_overrides, read_yaml, recipe_path, shipped_yaml
+from ..config import COMMAND_LINE, ConfigError, RRConfig, parse_overrides, read_yaml, recipe_path, shipped_yaml
 
 ACCELERATE_CONFIGS_DIR = Path(__file__).parent.parent / "accelerate_configs"
 
@@ -91,11 +91,26 @@ def _launch(args, argv: list[str]) -> int:
     return 1  # pragma: no cover - execv does not return
 
 
+def _check_out_creatable(out: Path) -> None:
+    """Fail now if --out could not be made and written, without making it: a command that fails a later check
+    leaves no empty directory behind."""
+    from .checkpoint import OutputDirError, check_writable
+
+    existing = Path(out).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != Path(out).absolute() and not existing.is_dir():
+        raise OutputDirError(f"output directory {out} is not writable ({existing} is not a directory); "
+                             "choose another --out")
+    check_writable(existing)  # an existing directory: a file written and removed there, nothing created
+
+
 def _train(args) -> int:
+    from ..data.builtin import check_training_data
+    from ..models import check_model
     from . import RRTrainer
     from . import checkpoint as ckpt
 
-    overrides = list(args.overrides)
     resume = None
     if args.resume:
         if args.config or args.model:
@@ -103,19 +118,27 @@ def _train(args) -> int:
         out, checkpoint = ckpt.resolve_resume(args.resume)
         if args.out and Path(args.out).resolve() != out.resolve():
             raise ConfigError(f"--out {args.out} is not the resumed run's directory {out}")
-        config = ckpt.resume_config(out, checkpoint, parse_overrides(overrides))
+        config = ckpt.resume_config(out, checkpoint, {})  # the run's own config: its errors name its file
+        if changes := parse_overrides(args.overrides):
+            RRConfig.from_dict({**config.to_dict(), **changes}, where=COMMAND_LINE)  # a bad value names it
+            config = ckpt.resume_config(out, checkpoint, changes)  # refuses keys that would change the result
         resume = checkpoint or True
         print(f"resuming {out} from {checkpoint or 'step 0 (no checkpoint was written)'}", file=sys.stderr)
     else:
         if not args.out:
             raise ConfigError("train needs --out (or --resume DIR)")
         out = Path(args.out)
+        overrides = list(args.overrides)
         if args.model:
             overrides.append(f"model={args.model}")
         config = RRConfig.load(recipe_path(args.config) if args.config else None, overrides)
-    ckpt.check_writable(out)  # before the model loads: a bad --out fails in a second, not after minutes
+    # Everything that can be checked without the model, before it loads (minutes at 8B); --out is created last.
+    _check_out_creatable(out)
+    check_model(config.model, dtype=config.dtype, device=config.device)
+    check_training_data(config)
+    ckpt.check_writable(out)
     trainer = RRTrainer(config, progress=not args.no_progress)
-    result = trainer.train(out, resume=resume)
+    result = trainer.train(out, resume=resume)  # Ctrl-C: cli.py says where the last checkpoint is
     if trainer.dist.is_main:
         last = result.log[-1] if result.log else {"rerouting_loss": None, "retain_loss": float("nan")}
         print(f"saved {result.output_dir}/model (merged) and {result.output_dir}/adapter; "

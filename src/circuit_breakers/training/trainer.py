@@ -33,7 +33,8 @@ from ..data.builtin import load_training_sets
 from ..hidden import decoder_hidden_states
 from ..models import Architecture, drop_blocks_after, find_architecture, load_model, resolve_dtype, unwrap
 from .batches import Batch, Collator, TextCollator, batch_indices, make_batch, stack_batches
-from .checkpoint import Checkpointer, NonFiniteLossError, data_fingerprint, non_finite_message, read_log, state_bytes
+from .checkpoint import (Checkpointer, NonFiniteLossError, TrainingInterrupted, data_fingerprint, non_finite_message,
+                         read_log, state_bytes)
 from .frozen_cache import FrozenStateCache, cache_bytes, plan_caches
 from .lora import add_lora, save_adapter_and_merged, seed_lora_b, switch_off_base_dropout, trainable_parameters
 from .memory import setup_activation_checkpointing
@@ -140,7 +141,8 @@ class RRTrainer:
                                         response_field=config.response_field, refusals=config.refusal_retain)
         # Augmentation applies to both sets, as in the reference; tokenised once here, never again.
         formatter = ChatFormatter(self.tokenizer, config.max_length, seed=config.seed,
-                                  drop_instruction_prob=config.drop_instruction_prob, truncation=config.truncation)
+                                  drop_instruction_prob=config.drop_instruction_prob, truncation=config.truncation,
+                                  tool_format=config.tool_format)
         return tokenize_examples(cb, formatter), tokenize_examples(retain, formatter)
 
     def _seeded_start(self) -> dict[int, torch.Tensor] | None:
@@ -296,29 +298,41 @@ class RRTrainer:
             torch.manual_seed(config.seed + 1 + self.dist.rank)  # independent LoRA-dropout masks per process
 
         bar = _progress(config.steps, self.progress and self.dist.is_main, initial=start)
-        for step in range(start + 1, config.steps + 1):
-            record = self.step(step, self._shard(next(cb_batches)), self._shard(next(retain_batches)))
-            record = self._global_record(record)
-            values = {k: record[k] for k in ("rerouting_loss", "retain_loss", "grad_norm") if record[k] is not None}
-            if not all(math.isfinite(v) for v in values.values()):
-                raise NonFiniteLossError(non_finite_message(step, values, out, checkpointer and checkpointer.last,
-                                                            config.save_every))
-            log.append(record)
-            if checkpointer is not None and self.dist.is_main and (step % config.log_every == 0 or step == config.steps):
-                with open(checkpointer.log_path, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            if checkpointer is not None and config.save_every and step % config.save_every == 0:
-                checkpointer.save(step, self.model, self._caches())
-            bar.set_postfix({k: f"{record[k]:.3g}" for k in ("rerouting_loss", "retain_loss", "cb_cos")
-                             if record[k] is not None}, refresh=False)
-            bar.update(1)
-        bar.close()
+        step = start
+        try:
+            for step in range(start + 1, config.steps + 1):
+                record = self._logged_step(step, next(cb_batches), next(retain_batches), out, checkpointer)
+                log.append(record)
+                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("rerouting_loss", "retain_loss", "cb_cos")
+                                 if record[k] is not None}, refresh=False)
+                bar.update(1)
+        except KeyboardInterrupt:  # Ctrl-C (or SIGTERM via the CLI): say where a resumed run would continue from
+            raise TrainingInterrupted(step, checkpointer and checkpointer.last, out) from None
+        finally:
+            bar.close()  # before any message: a half-drawn bar would swallow it
 
         merged = None
         if out is not None:
             lora = self.parallel.full_lora_state(self.model)  # where no process holds it whole: gathered by all
             merged = self.dist.on_main(lambda: self.save(out, lora), share=False)
         return TrainResult(out, log, merged if self.dist.is_main else None, self.tokenizer)
+
+    def _logged_step(self, step: int, cb_indices: list[int], retain_indices: list[int], out: Path | None,
+                     checkpointer: Checkpointer | None) -> dict:
+        """One step on this process's share of the global batches; stops on a non-finite loss; logs and
+        checkpoints as configured. Returns the step's record, averaged over processes."""
+        config = self.config
+        record = self._global_record(self.step(step, self._shard(cb_indices), self._shard(retain_indices)))
+        values = {k: record[k] for k in ("rerouting_loss", "retain_loss", "grad_norm") if record[k] is not None}
+        if not all(math.isfinite(v) for v in values.values()):
+            raise NonFiniteLossError(non_finite_message(step, values, out, checkpointer and checkpointer.last,
+                                                        config.save_every))
+        if checkpointer is not None and self.dist.is_main and (step % config.log_every == 0 or step == config.steps):
+            with open(checkpointer.log_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if checkpointer is not None and config.save_every and step % config.save_every == 0:
+            checkpointer.save(step, self.model, self._caches())
+        return record
 
     def _output_sizes(self) -> dict[str, int]:
         """Bytes the output directory must hold, for the free-space check before the first step."""
