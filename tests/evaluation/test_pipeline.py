@@ -182,3 +182,30 @@ def test_attack_overrides_apply_on_top_and_are_checked():
         quick.with_attack_overrides(["pair.rounds=2"])
     with pytest.raises(ConfigError, match=r"--attack gcg: expected ATTACK.FIELD=VALUE"):
         quick.with_attack_overrides(["gcg"])
+
+
+def test_tool_use_behaviours_are_attacked_with_their_tools_and_benign_calls_are_measured(tmp_path):
+    """The built-in harmful tool-use split under the direct request and the forced call, judged by the
+    tool_call judge, plus benign call accuracy before and after, in results.json and the report."""
+    from circuit_breakers.evaluation.behaviors import load_behaviors
+
+    from ..helpers import make_tool_tokenizer
+
+    tokenizer = make_tool_tokenizer("hermes")
+    model = make_tiny_model("qwen2", vocab_size=len(tokenizer), layers=2)
+    behaviors = load_behaviors("builtin:tools")
+    assert len(behaviors) >= 40 and all(b.tools and b.harmful_call for b in behaviors)
+    config = EvalConfig(attacks={"direct": {}, "forced_call": {"name_the_tool": True}}, behaviors=2,
+                        max_new_tokens=3, judge="tool_call", capability_prompts=3, diagnostics=False)
+    results = run_evaluation(model, tokenizer, config, tmp_path, baseline=(model, tokenizer), behaviors=behaviors,
+                             progress=False)
+    for model_name in ("model", "baseline"):
+        assert set(results["asr"][model_name]) == {"direct", "forced_call"}
+        assert all(e["n"] + e["errors"] == 2 for e in results["asr"][model_name].values())
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    forced = [s for s in samples if s["attack"] == "forced_call"]
+    assert forced and all(s["output"].startswith("<tool_call>") for s in forced)
+    tools = results["tool_capability"]
+    assert tools["n"] + tools["skipped"] == 3 and tools["model"]["n"] == tools["n"]
+    assert tools["model"] == tools["baseline"] and tools["delta"] == 0  # the model is its own baseline
+    assert "benign call accuracy" in (tmp_path / "report.md").read_text()

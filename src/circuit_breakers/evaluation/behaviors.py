@@ -20,7 +20,7 @@ from typing import Sequence
 
 from ..data.schema import Behavior
 from ..data.loaders import jsonl_objects, read_text
-from ..data.schema import DataError
+from ..data.schema import DataError, normalize_tools
 
 HARMBENCH_COLUMNS = ("Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString", "BehaviorID")
 REQUIRED_COLUMNS = ("Behavior", "BehaviorID")
@@ -203,7 +203,8 @@ def load_harmbench_csv(path: str | Path, targets: dict[str, str] | None = None) 
 
 
 def load_behaviors_jsonl(path: str | Path, targets: dict[str, str] | None = None) -> list[Behavior]:
-    """The project's JSONL: {"request", "category"?, "id"?, "context"?, "target"?} per line.
+    """The project's JSONL: {"request", "category"?, "id"?, "context"?, "target"?} per line; tool-use
+    behaviours add "tools" (OpenAI tool definitions) and "harmful_call" ({"name", "key_argument"}).
 
     `prompt` and `behavior` are accepted for `request`. A missing id becomes "<file stem>-<line>".
     """
@@ -229,8 +230,13 @@ def load_behaviors_jsonl(path: str | Path, targets: dict[str, str] | None = None
             raise BehaviorError(f'{where}: field "id": duplicate id "{behavior_id}" (first on line {seen[behavior_id]})')
         seen[behavior_id] = n
         target = fields["target"] or (targets or {}).get(behavior_id) or derive_target(request)
-        behaviors.append(Behavior(id=behavior_id, request=request.strip(), context=fields["context"],
-                                  target=target, category=fields["category"]))
+        tools = normalize_tools(record["tools"], where) if record.get("tools") is not None else None
+        try:
+            behaviors.append(Behavior(id=behavior_id, request=request.strip(), context=fields["context"],
+                                      target=target, category=fields["category"], tools=tools,
+                                      harmful_call=record.get("harmful_call")))
+        except DataError as err:
+            raise BehaviorError(f"{where}: {err}") from None
     if not behaviors:
         raise BehaviorError(f"{path}: no behaviours (empty file)")
     return behaviors
@@ -252,12 +258,16 @@ def builtin_behaviors(split: str = "test", targets: dict[str, str] | None = None
 
 def load_behaviors(spec: str | Path | None = None, *, targets: str | Path | dict | None = None,
                    limit: int | None = None) -> list[Behavior]:
-    """Behaviours from a HarmBench .csv, a project .jsonl, or (None / "builtin") the built-in test split."""
+    """Behaviours from a HarmBench .csv, a project .jsonl, (None / "builtin") the built-in test split, or
+    "builtin:tools" (the built-in harmful tool-use test split, with each item's tools and harmful call)."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive integer or None, got {limit}")
     target_map = load_targets(targets) if isinstance(targets, (str, Path)) else targets
     if spec is None or str(spec) in ("builtin", "builtin:test"):
         behaviors = builtin_behaviors("test", target_map)
+    elif str(spec) in ("builtin:tools", "builtin:tools:test", "builtin:tools:train"):
+        from ..data.builtin import builtin_tool_behaviors
+        behaviors = builtin_tool_behaviors(str(spec).split(":")[2] if str(spec).count(":") == 2 else "test")
     elif str(spec).startswith("builtin:"):
         behaviors = builtin_behaviors(str(spec).split(":", 1)[1], target_map)
     else:

@@ -30,11 +30,11 @@ import sys
 from pathlib import Path
 
 from ..config import AT_LEAST_ONE, bounded
+from ..judges import JUDGES
 from ..judges.base import MEASURES
 from .pipeline import shipped_eval_configs
 from .stats import asr_text, rate_of
 
-JUDGE_CHOICES = ("refusal", "heuristic", "fitted", "harmbench", "llm")
 ACTIONS = ("run", "judge-agreement", "fit-judge")
 # The shipped hand-labelled outputs of the embedded default (before and after RR; see its README.md).
 BUILTIN_LABELS = Path(__file__).parent / "hand_labels" / "smollm2-135m.jsonl"
@@ -59,7 +59,8 @@ def register(subparsers) -> None:
                         "fit-judge: refit the fitted judge on the hand labels' fit part")
     p.add_argument("--model", help="the model to evaluate: hub id, directory, .gguf or smollm2-135m")
     p.add_argument("--baseline", help="the original model, evaluated too (\"before\") and used as reference")
-    p.add_argument("--behaviors", help="HarmBench .csv or project .jsonl (default: the built-in harmful test split)")
+    p.add_argument("--behaviors", help="HarmBench .csv or project .jsonl (default: the built-in harmful test split; "
+                   "builtin:tools: the built-in harmful tool-use test split, for --attacks forced_call and --judge tool_call)")
     p.add_argument("--targets", help="JSON {BehaviorID: target} (HarmBench's targets file)")
     p.add_argument("--eval-config", metavar="NAME_OR_YAML",
                    help=f"the evaluation's budget: a YAML file or a shipped one ({', '.join(shipped_eval_configs())}); "
@@ -69,7 +70,7 @@ def register(subparsers) -> None:
     p.add_argument("--attack", action="append", default=[], metavar="NAME.FIELD=VALUE",
                    help="one field of one attack's config, on top of the eval config (repeatable): "
                         "gcg.num_steps=50, templates.names=[prefix_injection]")
-    p.add_argument("--judge", choices=JUDGE_CHOICES, default="heuristic", action=_Given,
+    p.add_argument("--judge", choices=JUDGES, default="heuristic", action=_Given,
                    help="default: the eval config's, else heuristic")
     p.add_argument("--judge-model", help="harmbench: classifier path or URL[#MODEL]; llm: URL[#MODEL]")
     p.add_argument("--limit", type=bounded(int, AT_LEAST_ONE),

@@ -269,6 +269,9 @@ def run_evaluation(model, tokenizer, config: EvalConfig, out_dir: str | Path, *,
             max_new_tokens=config.max_new_tokens or 64, progress=progress, model_dir=model_dir,
             baseline_dir=baseline_dir, lm_eval_tasks=config.lm_eval_tasks, samples_out=out / "capability_samples.jsonl",
             judge=judge if config.judge in BENIGN_LABELLING_JUDGES else None)
+        if any(b.tools for b in behaviors):  # tool-use behaviours: is calling tools for benign requests kept?
+            results["tool_capability"] = reuse.get("tool_capability") or _tool_capability(
+                model, tokenizer, baseline[0] if comparable else None, config)
     lap("capability")
 
     if not config.diagnostics:
@@ -313,6 +316,16 @@ def run_evaluation(model, tokenizer, config: EvalConfig, out_dir: str | Path, *,
     results["resumed"] = bool(resume and previous)
     write_results(out, results)
     return results
+
+
+def _tool_capability(model, tokenizer, baseline_model, config: EvalConfig) -> dict:
+    """Benign call accuracy (BFCL-style AST match) on the built-in benign tool-use test split, before and after."""
+    from ..data.builtin import builtin_tool_set
+    from .tool_capability import tool_capability_report
+
+    cases = builtin_tool_set("benign", "test")[:config.capability_prompts]
+    report = tool_capability_report(model, tokenizer, cases, baseline_model, max_new_tokens=config.max_new_tokens or 128)
+    return {**report, "source": "builtin_tool_set('benign', 'test')"}
 
 
 def _attack(model, tokenizer, baseline, behaviors: list, judge, out: Path, config: EvalConfig, *, resume: bool,

@@ -49,12 +49,17 @@ def rate_of(entry: dict, measure: str | None = None) -> dict | None:
     return entry[measure]
 
 
+def rate_text(cell: dict | None) -> str:
+    """{"rate", "ci95"} as text, "12.5% [3.5, 36.0]"; "n/a" where there is no rate."""
+    if not cell or cell.get("rate") is None:
+        return "n/a"
+    low, high = cell["ci95"]
+    return f"{100 * cell['rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+
 def asr_text(entry: dict | None, measure: str | None = None, *, with_n: bool = False) -> str:
     """An ASR entry of results.json as text, "12.5% [3.5, 36.0]" (+ " n=8" with `with_n`): its headline rate,
     or `measure`'s (see `rate_of`), with the Wilson 95% interval; "n/a" where there is none. The one
     formatter of ASR figures: the eval summary, the demo's table and the report all use it."""
-    cell = rate_of(entry, measure) if entry else None
-    if not cell or cell.get("rate") is None:
-        return "n/a"
-    low, high = cell["ci95"]
-    return f"{100 * cell['rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]" + (f" n={entry['n']}" if with_n else "")
+    text = rate_text(rate_of(entry, measure) if entry else None)
+    return text + (f" n={entry['n']}" if with_n and text != "n/a" else "")

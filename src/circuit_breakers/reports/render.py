@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from ..evaluation.stats import asr_text
+from ..evaluation.stats import asr_text, rate_text
 from ..judges.base import MEASURES
 from . import plots
 
@@ -155,6 +155,14 @@ def build_blocks(results: dict) -> list[Block]:
                     metric = next((f"{k}={v:.3f}" for k, v in values.items() if isinstance(v, float)), "")
                     rows.append([f"lm-eval {task} ({model})", metric])
         blocks.append(Block("table", header=["measure", "value"], rows=rows))
+        tools = results.get("tool_capability")
+        if tools:
+            rows = [[plots.MODEL_LABELS.get(model, model), f"{tools[model]['correct']} / {tools[model]['n']}",
+                     rate_text(tools[model])] for model in ("baseline", "model") if model in tools]
+            blocks.append(Block("p", f"Tool calling: benign call accuracy (function name and arguments, BFCL-style "
+                                     f"AST match) on {tools['n']} benign tool-use test requests ({tools['skipped']} "
+                                     "whose answer is text left out)."))
+            blocks.append(Block("table", header=["model", "correct", "accuracy [Wilson 95% CI]"], rows=rows))
 
     diagnostics = results.get("diagnostics")
     blocks.append(Block("h2", "Representations"))
