@@ -7,6 +7,10 @@ from ..helpers import MODEL, LiveServer, make_chat_tokenizer, make_tiny_model
 
 fastapi = pytest.importorskip("fastapi", reason="the server needs the serve extra: pip install -e '.[serve]'")
 
+# The Host names of Starlette's TestClient and of the tests' httpx clients (base_url "http://test", "http://t");
+# live servers use 127.0.0.1.
+TEST_HOSTS = ("testserver", "test", "t")
+
 
 @pytest.fixture(scope="session")
 def tokenizer():
@@ -29,6 +33,7 @@ def make_app(model, tokenizer):
 
     def make(**kwargs):
         kwargs.setdefault("model_name", MODEL)
+        kwargs.setdefault("allowed_hosts", TEST_HOSTS)
         return create_app(model, tokenizer, **kwargs)
 
     return make

@@ -8,11 +8,16 @@ from circuit_breakers.generation import generate
 from ..helpers import HUMAN, MODEL, assert_error, chat, parse_sse, streamed_text
 
 
-def test_health(client):
-    health = client.get("/health").json()
+def test_health(client, make_app):
+    from fastapi.testclient import TestClient
+
+    assert client.get("/health").json() == {"status": "ok"}  # a keyless server shows no counters or limits
+    with TestClient(make_app(api_key="k")) as keyed:
+        assert keyed.get("/health").json() == {"status": "ok"}
+        health = keyed.get("/health", headers={"Authorization": "Bearer k"}).json()
     assert health["status"] == "ok"
     assert health["model"] == MODEL and health["models"] == [MODEL]
-    assert health["baseline"] is None and health["probe"] is None and health["auth_required"] is False
+    assert health["baseline"] is None and health["probe"] is None and health["auth_required"] is True
 
 
 def test_models_lists_the_model_and_the_baseline(make_app, baseline_model):
@@ -26,7 +31,6 @@ def test_models_lists_the_model_and_the_baseline(make_app, baseline_model):
             assert entry["object"] == "model" and isinstance(entry["created"], int) and entry["owned_by"]
         assert client.get(f"/v1/models/{MODEL}-baseline").json()["id"] == MODEL + "-baseline"
         assert_error(client.get("/v1/models/nope"), 404, code="model_not_found")
-        assert client.get("/health").json()["baseline"] == MODEL + "-baseline"
         # the two models are different models
         a = chat(client, max_tokens=6).json()["choices"][0]["message"]["content"]
         b = chat(client, max_tokens=6, model=MODEL + "-baseline").json()
@@ -134,9 +138,10 @@ def test_api_key(make_app):
         assert client.get("/v1/models", headers=good).status_code == 200
         # the key is checked before the body: a keyless bad request is a 401, not a 400
         assert client.post("/v1/chat/completions", content=b"{").status_code == 401
-        # the playground and /health need no key; /health says that the API does
+        # the playground and /health need no key; /health says more only to the key
         assert client.get("/").status_code == 200
-        assert client.get("/health").json()["auth_required"] is True
+        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get("/health", headers=good).json()["auth_required"] is True
 
 
 def test_garak_style_request(client):
@@ -199,7 +204,7 @@ def test_a_failing_generation_is_a_500_and_the_server_survives(make_app, monkeyp
 
     from circuit_breakers.serving import app as app_module
 
-    real = app_module.generate_rows
+    real = app_module.BatchGeneration
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -208,7 +213,7 @@ def test_a_failing_generation_is_a_500_and_the_server_survives(make_app, monkeyp
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(app_module, "generate_rows", flaky)
+    monkeypatch.setattr(app_module, "BatchGeneration", flaky)
     with TestClient(make_app()) as client:
         response = chat(client)
         assert response.status_code == 500
@@ -230,14 +235,14 @@ def test_a_stream_whose_client_leaves_stops_generating(live_server, monkeypatch)
     from circuit_breakers.serving import app as app_module
 
     finished = []
-    real = app_module.generate_rows
 
-    def recording(*args, **kwargs):
-        results = real(*args, **kwargs)
-        finished.extend(results)
-        return results
+    class Recording(app_module.BatchGeneration):
+        def step(self):
+            results = super().step()
+            finished.extend(results.values())
+            return results
 
-    monkeypatch.setattr(app_module, "generate_rows", recording)
+    monkeypatch.setattr(app_module, "BatchGeneration", Recording)
     server = live_server()
     with httpx.Client(base_url=server.url, timeout=60) as client:
         with client.stream("POST", "/v1/chat/completions", json={

@@ -44,7 +44,7 @@ def trip_setup(model, tokenizer, probe):
 def test_untripped_answer_carries_the_object(make_app, model, tokenizer, probe):
     ref = reference(model, tokenizer, probe)
     with client_for(make_app, probe) as client:
-        assert client.get("/health").json()["probe"] == {"layer": 2, "threshold": 1.0}
+        assert client.get("/v1/models").json()["data"][0]["circuit_breaker"] == {"layer": 2, "threshold": 1.0}
         body = chat(client, max_tokens=N).json()
     assert body["choices"][0]["message"]["content"] == ref.text
     assert body["choices"][0]["finish_reason"] == "length"

@@ -1,5 +1,6 @@
 """The server's generation loop and its batcher, without HTTP."""
 import asyncio
+import time
 
 import pytest
 
@@ -92,3 +93,122 @@ def test_batcher_groups_by_key_and_survives_errors():
 def test_batcher_rejects_a_zero_batch_size():
     with pytest.raises(ValueError):
         Batcher(lambda jobs: jobs, batch_size=0)
+
+
+LONG = [{"role": "user", "content": "Explain the water cycle in three short sentences. " * 6}]  # ~70 tokens
+
+
+def run_to_the_end(run):
+    results, steps = {}, 0
+    while not run.done:
+        results.update(run.step())
+        steps += 1
+    return [results[i] for i in range(len(run.requests))], steps
+
+
+def test_a_long_prompt_is_prefilled_in_slices_with_the_same_answer(model, tokenizer):
+    from circuit_breakers.serving.engine import BatchGeneration
+    from circuit_breakers.serving.monitoring import make_monitor
+
+    from ..helpers import probe_for
+
+    prompts = [LONG, PROMPTS[1]]
+    expected = generate(model, tokenizer, prompts, max_new_tokens=6)
+    whole, whole_steps = run_to_the_end(BatchGeneration(model, tokenizer, [GenRequest(ids(tokenizer, p), 6)
+                                                                          for p in prompts]))
+    sliced, sliced_steps = run_to_the_end(BatchGeneration(model, tokenizer, [GenRequest(ids(tokenizer, p), 6)
+                                                                            for p in prompts], prefill_tokens=32))
+    assert [r.text for r in whole] == [r.text for r in sliced] == expected
+    assert sliced_steps >= whole_steps + 2  # 32 columns a step: the ~70-token prompt took three
+    # the probe scores the generated tokens alike, however the prompt was fed
+    monitor = make_monitor(model, probe_for(model))
+    a, _ = run_to_the_end(BatchGeneration(model, tokenizer, [GenRequest(ids(tokenizer, LONG), 6)], monitor=monitor))
+    b, _ = run_to_the_end(BatchGeneration(model, tokenizer, [GenRequest(ids(tokenizer, LONG), 6)], monitor=monitor,
+                                          prefill_tokens=32))
+    assert a[0].text == b[0].text and a[0].token_scores == pytest.approx(b[0].token_scores, abs=1e-5)
+
+
+def test_a_finished_row_is_reported_before_its_batch_ends(model, tokenizer):
+    from circuit_breakers.serving.engine import BatchGeneration
+
+    run = BatchGeneration(model, tokenizer, [GenRequest(ids(tokenizer, PROMPTS[0]), 2),
+                                             GenRequest(ids(tokenizer, PROMPTS[1]), 20)])
+    first = {}
+    while 0 not in first:
+        first.update(run.step())
+    assert not run.done and 1 not in first and first[0].completion_tokens == 2
+    assert run.remaining == 20 - 2  # the long row: its tokens still to generate
+
+
+class FakeRun:
+    """A batch of jobs whose payload is their number of steps; records the order it ran in."""
+
+    def __init__(self, jobs, log):
+        self.jobs, self.log, self.left = jobs, log, [job.payload for job in jobs]
+        self.done = False
+
+    @property
+    def remaining(self):
+        live = [n for n in self.left if n > 0]
+        return sum(live) / len(live) if live else 0
+
+    def step(self):
+        time.sleep(0.005)  # a step takes time, in its thread
+        self.log.append(tuple(job.payload for job in self.jobs))
+        finished = {}
+        for i, n in enumerate(self.left):
+            if n > 0:
+                self.left[i] = n - 1
+                if n == 1:
+                    finished[i] = f"done {self.jobs[i].payload}"
+        self.done = not any(self.left)
+        return finished
+
+
+def test_batcher_runs_short_batches_before_a_long_one_it_started():
+    log = []
+    batcher = Batcher(lambda jobs: FakeRun(jobs, log), batch_size=4, batch_wait_ms=0)
+
+    async def main():
+        long = asyncio.ensure_future(batcher.submit(Job("long", 50, cost=50)))
+        await asyncio.sleep(0.05)  # the long batch has started
+        shorts = await asyncio.gather(*(batcher.submit(Job("short", 3, cost=3)) for _ in range(4)))
+        long_steps_by_then = sum(1 for entry in log if entry == (50,))
+        result = await long
+        await batcher.close()
+        return shorts, long_steps_by_then, result
+
+    shorts, long_steps_by_then, result = asyncio.run(main())
+    assert shorts == ["done 3"] * 4 and result == "done 50"
+    assert long_steps_by_then < 50  # the short ones did not wait for it
+    short_steps = [i for i, entry in enumerate(log) if entry == (3, 3, 3, 3)]
+    assert short_steps == list(range(short_steps[0], short_steps[0] + 3))  # three steps in a row
+
+
+def test_batcher_bounds_the_waiting_line_and_retries_a_failed_batch_alone():
+    from circuit_breakers.serving.batcher import QueueFull
+
+    seen = []
+
+    def run(jobs):
+        seen.append([job.payload for job in jobs])
+        if "bad" in seen[-1]:
+            raise RuntimeError("bad batch")
+        return [job.payload.upper() for job in jobs]
+
+    batcher = Batcher(run, batch_size=4, batch_wait_ms=50, max_queue=3)
+
+    async def main():
+        jobs = [Job("k", p) for p in ("a", "bad", "b")]
+        for job in jobs:
+            batcher.enqueue(job)
+        with pytest.raises(QueueFull) as full:
+            batcher.enqueue(Job("k", "one too many"))
+        results = await asyncio.gather(*(batcher.wait(job) for job in jobs), return_exceptions=True)
+        await batcher.close()
+        return full.value, results
+
+    full, results = asyncio.run(main())
+    assert full.retry_after >= 1 and batcher.stats.rejected == 1
+    assert results[0] == "A" and results[2] == "B" and isinstance(results[1], RuntimeError)
+    assert seen == [["a", "bad", "b"], ["a"], ["bad"], ["b"]] and batcher.stats.retried == 3

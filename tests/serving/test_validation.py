@@ -138,7 +138,7 @@ def test_chat_template_that_rejects_a_conversation(model, tokenizer):
     strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
                             "{{ raise_exception('System role not supported') }}{% endif %}"
                             "{{ m['content'] }}{% endfor %}")
-    with TestClient(create_app(model, strict, model_name=MODEL)) as client:
+    with TestClient(create_app(model, strict, model_name=MODEL, allowed_hosts=["testserver"])) as client:
         error = assert_error(chat(client, [{"role": "system", "content": "x"}, *HUMAN]), param="messages")
         assert "System role not supported" in error["message"]
         assert chat(client).status_code == 200

@@ -3,10 +3,14 @@
     app = create_app(model, tokenizer, model_name="rr-smollm2", probe=load_probe("runs/probe"))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Every request goes through one `Batcher` (one worker, batches of up to `batch_size` requests that arrive
-within `batch_wait_ms`), and generation runs in a thread so that the event loop stays responsive. Every
-failure is an OpenAI-style error object (`protocol.error_body`); bad requests are 400s, a wrong or
-missing key (when the server has one) a 401. See docs/serving.md.
+Every request goes through one `Batcher`: batches of up to `batch_size` requests that arrive within
+`batch_wait_ms`, generated a step at a time in a thread so that the event loop stays responsive, the
+batch with the least work left first. Every failure is an OpenAI-style error object
+(`protocol.error_body`), and every failure is one request's: a bad request is a 400 before it reaches a
+batch, a request that fails in generation fails alone. Bounded: at most `max_queue` requests wait (429
+with Retry-After), a request has `request_timeout` seconds from arrival to its last token (504), prompt +
+max_tokens at most `max_total_tokens`, and a request whose client has gone stops generating. Guarded
+(`guards.py`): the Host header must name this server and the body must be JSON (415). See docs/serving.md.
 """
 
 from __future__ import annotations
@@ -23,24 +27,28 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, Sequence
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import chat_prompt
-from .batcher import Batcher, Job
-from .engine import GenRequest, GenResult, generate_rows, sigmoid
+from .batcher import Batcher, Job, QueueFull
+from .engine import BatchGeneration, GenRequest, GenResult, sigmoid
+from .guards import HostPolicy, require_json
 from .monitoring import make_monitor
-from .protocol import ApiError, ChatRequest, error_body, parse_chat_request
+from .protocol import (DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_LIMIT,
+                       DEFAULT_MAX_TOTAL_TOKENS, DEFAULT_REQUEST_TIMEOUT, ApiError, ChatRequest, decode_json_body,
+                       error_body, parse_chat_request)
 
 log = logging.getLogger("circuit_breakers.serving")
 
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 MAX_BODY_BYTES = 4 * 1024 * 1024
 BASELINE_SUFFIX = "-baseline"
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away; nobody reads it, logs show it
 
 
 @dataclass
@@ -92,28 +100,46 @@ def _error(status: int, message: str, **kwargs) -> JSONResponse:
     return JSONResponse(error_body(message, **kwargs), status_code=status)
 
 
+def length_class(prompt_tokens: int) -> int:
+    """Prompts batched together: up to 256 tokens, then each power of two (padding at most doubles a prompt)."""
+    return max(0, (prompt_tokens - 1).bit_length() - 8)
+
+
 def playground_html() -> str:
     return resources.files(__package__).joinpath("playground.html").read_text(encoding="utf-8")
 
 
 def create_app(model, tokenizer, *, model_name: str, probe=None, baseline=None, api_key: str | None = None,
-               max_tokens_limit: int = 1024, max_input_tokens: int = 4096, batch_size: int = 8,
-               batch_wait_ms: float = 10, default_max_tokens: int = 256, refusal: str = DEFAULT_REFUSAL,
-               baseline_name: str | None = None) -> FastAPI:
+               max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS,
+               max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS, batch_size: int = 8, batch_wait_ms: float = 10,
+               max_queue: int = DEFAULT_MAX_QUEUE, request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+               default_max_tokens: int = DEFAULT_MAX_TOKENS, refusal: str = DEFAULT_REFUSAL,
+               baseline_name: str | None = None, host: str = "127.0.0.1",
+               allowed_hosts: Sequence[str] = ()) -> FastAPI:
     """An OpenAI-compatible server for `model` (answering as `model_name`).
 
     probe: a harmfulness probe (`circuit_breakers.probes.probe.load_probe`) that monitors the
         circuit-broken model; a tripped generation returns `refusal` with finish_reason "content_filter".
     baseline: the original model, served as "<model_name>-baseline": a (model, tokenizer) pair, or a model
         that shares `tokenizer`.
-    api_key: when set, /v1/* requires `Authorization: Bearer <api_key>` (401 otherwise); when None, any
-        key or none is accepted. /, /health and the playground never need one.
+    api_key: when set, /v1/* requires `Authorization: Bearer <api_key>` (401 otherwise), and /health shows
+        more than its status only to that key; when None, any key or none is accepted. / never needs one.
     max_tokens_limit: the largest max_tokens a request may ask for (more: 400).
     max_input_tokens: the longest prompt, in tokens after the chat template (more: 400).
+    max_total_tokens: prompt + max_tokens of one request (more: 400; without max_tokens, what is left).
+    max_queue: requests waiting for generation (more: 429 with Retry-After).
+    request_timeout: seconds from a request's arrival to its last token (later: 504, or an error event in a
+        stream; its generation stops); None: no limit.
     default_max_tokens: max_tokens when a request gives none (capped by the limit and the context).
+    host: the address the server is bound to; with `allowed_hosts` (names, "*.domain", "*" for any), what
+        the Host header must name (`guards.HostPolicy`; the loopback names are always accepted).
     """
-    if max_tokens_limit < 1 or max_input_tokens < 1:
-        raise ValueError("max_tokens_limit and max_input_tokens must be at least 1")
+    for name, value in (("max_tokens_limit", max_tokens_limit), ("max_input_tokens", max_input_tokens),
+                        ("max_total_tokens", max_total_tokens), ("max_queue", max_queue)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1")
+    if request_timeout is not None and not request_timeout > 0:
+        raise ValueError("request_timeout must be more than 0 seconds (None: no limit)")
     tokenizers = [(tokenizer, "model")]
     if baseline is not None:
         tokenizers.append((baseline[1] if isinstance(baseline, tuple) else tokenizer, "baseline"))
@@ -137,15 +163,16 @@ def create_app(model, tokenizer, *, model_name: str, probe=None, baseline=None, 
     monitors = {name: make_monitor(t.model, t.probe) for name, t in targets.items() if t.probe is not None}
     thresholds = {name: _finite(sigmoid(m.threshold)) for name, m in monitors.items()}
 
-    def run_batch(jobs: list[Job]) -> list[GenResult]:
+    def start_batch(jobs: list[Job]) -> BatchGeneration:
         works: list[Work] = [job.payload for job in jobs]
         target = works[0].target
-        return generate_rows(target.model, target.tokenizer, [
+        return BatchGeneration(target.model, target.tokenizer, [
             GenRequest(w.prompt_ids, w.max_tokens, w.chat.stop, w.chat.temperature, w.chat.top_p, w.chat.seed,
                        on_delta=w.on_delta, cancelled=w.cancelled) for w in works],
             monitor=monitors.get(target.name), refusal=refusal)
 
-    batcher = Batcher(run_batch, batch_size=batch_size, batch_wait_ms=batch_wait_ms)
+    batcher = Batcher(start_batch, batch_size=batch_size, batch_wait_ms=batch_wait_ms, max_queue=max_queue)
+    hosts = HostPolicy(host, allowed_hosts)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -153,9 +180,10 @@ def create_app(model, tokenizer, *, model_name: str, probe=None, baseline=None, 
         await batcher.close()  # a later start (another test client, a restarted server) gets a new worker
 
     app = FastAPI(title="circuit-breakers", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None, dependencies=[Depends(hosts.check)])
     app.state.batcher = batcher
     app.state.targets = targets
+    app.state.request_timeout = request_timeout
 
     # ------------------------------------------------------------------ errors: always OpenAI-shaped
 
@@ -173,18 +201,21 @@ def create_app(model, tokenizer, *, model_name: str, probe=None, baseline=None, 
 
     @app.exception_handler(ApiError)
     async def _api(request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
+    def has_key(request: Request) -> bool:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return (api_key is not None and scheme.lower() == "bearer"
+                and hmac.compare_digest(given.strip().encode(), api_key.encode()))
+
+    async def require_key(request: Request) -> None:
+        if api_key is None or has_key(request):
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise ApiError("missing API key: send `Authorization: Bearer <key>`", status=401,
                            code="invalid_api_key")
-        if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise ApiError("incorrect API key", status=401, code="invalid_api_key")
+        raise ApiError("incorrect API key", status=401, code="invalid_api_key")
 
     # ------------------------------------------------------------------ endpoints
 
@@ -193,63 +224,102 @@ def create_app(model, tokenizer, *, model_name: str, probe=None, baseline=None, 
         return HTMLResponse(playground_html())
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        if not has_key(request):  # counters and limits are for the key's holder; a keyless server shows none
+            return {"status": "ok"}
         return {"status": "ok", "model": model_name, "models": names,
                 "baseline": names[1] if len(names) > 1 else None,
                 "probe": None if probe is None else {"layer": monitors[model_name].layer,
                                                      "threshold": thresholds[model_name]},
-                "auth_required": api_key is not None,
-                "max_tokens_limit": max_tokens_limit, "max_input_tokens": max_input_tokens,
-                "batch_size": batch_size, "batches": batcher.stats.batches, "requests": batcher.stats.jobs}
+                "auth_required": True, "max_tokens_limit": max_tokens_limit,
+                "max_input_tokens": max_input_tokens, "max_total_tokens": max_total_tokens,
+                "max_queue": max_queue, "request_timeout": request_timeout, "batch_size": batch_size,
+                "batches": batcher.stats.batches, "requests": batcher.stats.jobs, "waiting": batcher.waiting,
+                "generating": batcher.running, "rejected": batcher.stats.rejected}
 
-    @app.get("/v1/models")
-    async def list_models(request: Request):
-        check_key(request)
-        return {"object": "list", "data": [
-            {"id": t.name, "object": "model", "created": t.created, "owned_by": "circuit-breakers",
-             **({"max_model_len": t.context} if t.context else {})} for t in targets.values()]}
+    def model_entry(t: Target) -> dict:
+        entry = {"id": t.name, "object": "model", "created": t.created, "owned_by": "circuit-breakers",
+                 "max_tokens_limit": max_tokens_limit}
+        if t.context:
+            entry["max_model_len"] = t.context
+        if t.name in monitors:
+            entry["circuit_breaker"] = {"layer": monitors[t.name].layer, "threshold": thresholds[t.name]}
+        return entry
 
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str, request: Request):
-        check_key(request)
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def list_models():
+        return {"object": "list", "data": [model_entry(t) for t in targets.values()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_key)])
+    async def get_model(model_id: str):
         if model_id not in targets:
             raise ApiError(f"model {model_id!r} does not exist", status=404, param="model", code="model_not_found")
-        t = targets[model_id]
-        return {"id": t.name, "object": "model", "created": t.created, "owned_by": "circuit-breakers"}
+        return model_entry(targets[model_id])
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_key), Depends(require_json)])
     async def chat_completions(request: Request):
-        check_key(request)
-        body = await _read_json(request)
-        chat = parse_chat_request(body, models=names, max_tokens_limit=max_tokens_limit,
-                                  default_max_tokens=default_max_tokens)
+        arrived = time.monotonic()
+        chat = parse_chat_request(decode_json_body(await _read_body(request)), models=names,
+                                  max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens)
         target = targets[chat.model]
         prompt_ids = await asyncio.get_running_loop().run_in_executor(
             tokenize_pool, _tokenize, request_tokenizers[target.name], chat.messages)
-        max_tokens = _fit_to_context(chat, target, len(prompt_ids), max_input_tokens, body)
+        max_tokens = _fit_to_context(chat, target, len(prompt_ids), max_input_tokens, max_total_tokens)
         work = Work(target, chat, chat.messages, prompt_ids, max_tokens)
         if chat.stream:
-            return _stream(work)
+            return _stream(work, arrived)
+        job = _enqueue(work)
+        answer = asyncio.ensure_future(batcher.wait(job, _time_left(arrived)))
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            result: GenResult = await batcher.submit(_job(work))
-        except ApiError:
-            raise
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not answer.done():  # the client went away (or the server stops): stop generating for it
+                answer.cancel()
+        if answer.cancelled():
+            return Response(status_code=CLIENT_CLOSED)
+        try:
+            result: GenResult = answer.result()
+        except asyncio.TimeoutError:
+            raise timeout_error() from None
         except Exception as err:  # noqa: BLE001 - a failed generation is a 500, never a crash
             log.exception("generation failed")
             return _error(500, f"generation failed: {type(err).__name__}: {err}", type="server_error")
         return _completion(work, result, threshold=thresholds.get(target.name))
 
-    def _job(work: Work) -> Job:
-        job = Job(work.target.name, work)  # one batch per model; every request setting is per row
+    def _time_left(arrived: float) -> float | None:
+        return None if request_timeout is None else max(0.0, arrived + request_timeout - time.monotonic())
+
+    def timeout_error() -> ApiError:
+        return ApiError(f"the request did not finish within this server's time limit of {request_timeout:g} s "
+                        "(--request-timeout); ask for fewer max_tokens or send a shorter prompt, or try again "
+                        "when the server is less busy", status=504, type="server_error", code="timeout")
+
+    def _enqueue(work: Work) -> Job:
+        # One batch per model and prompt-length class; every request setting is per row.
+        job = Job((work.target.name, length_class(len(work.prompt_ids))), work,
+                  cost=len(work.prompt_ids) + work.max_tokens)
         work.job = job
+        try:
+            batcher.enqueue(job)
+        except QueueFull as full:
+            raise ApiError(f"the server is busy: {full}, the most it queues (--max-queue {max_queue}); "
+                           f"retry after {full.retry_after} s", status=429, type="rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(full.retry_after)}) from None
         return job
 
-    def _stream(work: Work) -> StreamingResponse:
+    def _stream(work: Work, arrived: float) -> StreamingResponse:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        work.on_delta = lambda text, score: loop.call_soon_threadsafe(queue.put_nowait, (text, score))
-        job = _job(work)
-        task = asyncio.ensure_future(batcher.submit(job))
+
+        def on_delta(text, score):
+            job.sent = True  # from here on a retry would repeat text the client has
+            loop.call_soon_threadsafe(queue.put_nowait, (text, score))
+
+        work.on_delta = on_delta
+        job = _enqueue(work)  # before the response starts: a full queue is still a 429
+        task = asyncio.ensure_future(batcher.wait(job, _time_left(arrived)))
         task.add_done_callback(lambda _: queue.put_nowait(None))
         cid, created = _completion_id(), int(time.time())
         threshold = thresholds.get(work.target.name)
@@ -270,8 +340,12 @@ def create_app(model, tokenizer, *, model_name: str, probe=None, baseline=None, 
                 try:
                     result: GenResult = task.result()
                 except Exception as err:  # noqa: BLE001
-                    log.exception("generation failed")
-                    yield f"data: {json.dumps(error_body(f'generation failed: {err}', type='server_error'))}\n\n"
+                    if isinstance(err, asyncio.TimeoutError):
+                        body = timeout_error().body()
+                    else:
+                        log.exception("generation failed")
+                        body = error_body(f"generation failed: {err}", type="server_error")
+                    yield f"data: {json.dumps(body)}\n\n"
                     yield "data: [DONE]\n\n"
                     return
                 extra = {}
@@ -302,7 +376,7 @@ def _completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
-async def _read_json(request: Request) -> Any:
+async def _read_body(request: Request) -> bytes:
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
         raise ApiError(f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
@@ -311,14 +385,13 @@ async def _read_json(request: Request) -> Any:
         raw += piece
         if len(raw) > MAX_BODY_BYTES:
             raise ApiError(f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
-    if not raw.strip():
-        raise ApiError("the request body is empty; expected a JSON object")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ApiError(f"the request body is not valid JSON: {err}") from None
-    except RecursionError:
-        raise ApiError("the request body is nested too deeply") from None
+    return bytes(raw)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _tokenize(tokenizer, messages: list[dict]) -> list[int]:
@@ -330,19 +403,24 @@ def _tokenize(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def _fit_to_context(chat: ChatRequest, target: Target, prompt_tokens: int, max_input_tokens: int, body) -> int:
+def _fit_to_context(chat: ChatRequest, target: Target, prompt_tokens: int, max_input_tokens: int,
+                    max_total_tokens: int) -> int:
+    """max_tokens for this request: what it asked, if prompt + max_tokens fits; else what is left, if it did not ask."""
     if prompt_tokens > max_input_tokens:
         raise ApiError(f"the prompt is {prompt_tokens} tokens after the chat template, more than this server's "
-                       f"limit of {max_input_tokens}", param="messages", code="context_length_exceeded")
-    if target.context is None:
-        return chat.max_tokens
-    room = target.context - prompt_tokens
-    asked = isinstance(body, dict) and (body.get("max_tokens") is not None
-                                        or body.get("max_completion_tokens") is not None)
-    if room < 1 or (asked and chat.max_tokens > room):
-        raise ApiError(f"this model's context is {target.context} tokens; the prompt ({prompt_tokens}) plus "
-                       f"max_tokens ({chat.max_tokens}) do not fit", param="messages",
+                       f"limit of {max_input_tokens} (--max-input-tokens)", param="messages",
                        code="context_length_exceeded")
+    limit, what = max_total_tokens, f"this server's limit of {max_total_tokens} tokens (--max-total-tokens)"
+    if target.context is not None and target.context < limit:
+        limit, what = target.context, f"this model's context of {target.context} tokens"
+    room = limit - prompt_tokens
+    if room < 1:
+        raise ApiError(f"the prompt is {prompt_tokens} tokens after the chat template; with a token to generate it "
+                       f"does not fit {what}", param="messages", code="context_length_exceeded")
+    if chat.max_tokens_param is not None and chat.max_tokens > room:
+        raise ApiError(f"{chat.max_tokens_param}: the prompt ({prompt_tokens} tokens) plus {chat.max_tokens_param} "
+                       f"({chat.max_tokens}) is {prompt_tokens + chat.max_tokens} tokens, more than {what}; "
+                       f"ask for at most {room}", param=chat.max_tokens_param, code="context_length_exceeded")
     return min(chat.max_tokens, room)
 
 

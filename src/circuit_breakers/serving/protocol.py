@@ -6,25 +6,42 @@ offending parameter, in the error shape OpenAI and vLLM use:
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
 
 Parameters this server does not know are ignored (garak and other clients send many: `frequency_penalty`,
-`presence_penalty`, `logit_bias`, `user`, `tools` with no tool calling, ...).
+`presence_penalty`, `logit_bias`, `user`, `tools` with no tool calling, ...). Every value that reaches
+generation is one generation accepts: a seed torch can take, a finite temperature and top_p in range,
+strings that are valid Unicode (no lone surrogates), so that no request can fail the batch it joins.
+
+The server's default limits live here too, so that `circuit-breakers serve --help` states them without
+importing the server.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 512  # characters; the stop-string check runs on every generated token
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1  # int64, as OpenAI and vLLM take it (torch.Generator takes this range)
+
+# The server's defaults (create_app and `circuit-breakers serve`).
+DEFAULT_MAX_TOKENS_LIMIT = 1024  # the largest max_tokens a request may ask for
+DEFAULT_MAX_INPUT_TOKENS = 4096  # the longest prompt, after the chat template
+DEFAULT_MAX_TOTAL_TOKENS = 4096  # prompt + max_tokens of one request
+DEFAULT_MAX_QUEUE = 128  # requests waiting to be generated; more: 429
+DEFAULT_REQUEST_TIMEOUT = 120.0  # seconds from arrival to the last token; later: 504
+DEFAULT_MAX_TOKENS = 256  # max_tokens when a request gives none
 
 
 class ApiError(Exception):
     """A request that cannot be served; becomes an OpenAI-style error response."""
 
     def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, param=self.param, code=self.code, type=self.type)
@@ -35,11 +52,67 @@ def error_body(message: str, *, param: str | None = None, code: str | None = Non
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON (numbers must be finite)")
+
+
+def decode_json_body(raw: bytes) -> Any:
+    """The request body as JSON: UTF-8, standard JSON (no NaN or Infinity), every string valid Unicode."""
+    if not raw.strip():
+        raise ApiError("the request body is empty; expected a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ApiError(f"the request body is not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                       "JSON must be sent as UTF-8") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError("the request body is nested too deeply") from None
+    except ValueError as err:  # JSONDecodeError, NaN/Infinity, an integer of more than 4300 digits
+        reason = str(err).split("; use sys.")[0]  # Python's advice on the digit limit is not the client's
+        raise ApiError(f"the request body is not valid JSON: {reason}") from None
+    bad = _invalid_unicode(body)
+    if bad is not None:
+        where, param, index, char = bad
+        raise ApiError(f"{where}: not valid Unicode: a lone surrogate (U+{ord(char):04X}) at character {index}; "
+                       "send text as valid UTF-8", param=param)
+    return body
+
+
+def _invalid_unicode(value: Any) -> tuple[str, str | None, int, str] | None:
+    """(where, param, index, character) of the first lone surrogate in a decoded JSON value, if any.
+
+    JSON escapes can spell one ("\\ud800"); no tokenizer or response encoder accepts it. Iterative, since
+    the value may be nested as deeply as the JSON decoder allows."""
+    stack = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as err:
+                return where or "the request body", where or None, err.start, item[err.start]
+        elif isinstance(item, dict):
+            children = []
+            for key, child in item.items():
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    return f"a key in {where or 'the request body'}", None, err.start, key[err.start]
+                children.append((f"{where}.{key}" if where else key, child))
+            stack.extend(reversed(children))  # depth first, in document order
+        elif isinstance(item, list):
+            stack.extend((f"{where}[{i}]", child) for i, child in reversed(list(enumerate(item))))
+    return None
+
+
 @dataclass
 class ChatRequest:
     model: str
     messages: list[dict]  # [{"role", "content": str}], developer mapped to system
     max_tokens: int
+    max_tokens_param: str | None = None  # "max_tokens" or "max_completion_tokens" when the request set it
     stop: tuple[str, ...] = ()
     temperature: float = 0.0
     top_p: float = 1.0
@@ -48,10 +121,6 @@ class ChatRequest:
     include_usage: bool = False
     extra: dict = field(default_factory=dict)
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0
-
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -59,6 +128,12 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    """A value as the error message quotes it: short, whatever its size."""
+    text = json.dumps(value) if isinstance(value, (int, float, str, bool)) or value is None else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _content_text(content: Any, index: int) -> str:
@@ -107,10 +182,14 @@ def parse_stop(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
-        return (value,) if value else ()
+        value = [value]
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
         if len(value) > MAX_STOP_STRINGS:
-            raise ApiError(f"stop: at most {MAX_STOP_STRINGS} stop strings", param="stop")
+            raise ApiError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(value)}", param="stop")
+        for s in value:
+            if len(s) > MAX_STOP_LENGTH:
+                raise ApiError(f"stop: a stop string may be at most {MAX_STOP_LENGTH} characters, got one of "
+                               f"{len(s)}", param="stop")
         return tuple(dict.fromkeys(s for s in value if s))
     raise ApiError("stop: expected a string or a list of strings", param="stop")
 
@@ -136,7 +215,7 @@ def parse_chat_request(body: Any, *, models: list[str], max_tokens_limit: int,
     if max_tokens is None:
         max_tokens, param = body.get("max_tokens"), "max_tokens"
     if max_tokens is None:
-        max_tokens = min(default_max_tokens, max_tokens_limit)
+        max_tokens, param = min(default_max_tokens, max_tokens_limit), None
     elif not _is_int(max_tokens):
         raise ApiError(f"{param}: expected an integer, got {type(max_tokens).__name__}", param=param)
     elif max_tokens < 1:
@@ -148,18 +227,18 @@ def parse_chat_request(body: Any, *, models: list[str], max_tokens_limit: int,
     temperature = body.get("temperature")
     if temperature is None:
         temperature = 0.0
-    elif not _is_number(temperature) or not 0 <= temperature <= 2:
-        raise ApiError("temperature: expected a number from 0 to 2", param="temperature")
+    elif not _is_number(temperature) or not 0 <= temperature <= 2:  # also refuses a NaN
+        raise ApiError(f"temperature: expected a number from 0 to 2, got {_shown(temperature)}", param="temperature")
 
     top_p = body.get("top_p")
     if top_p is None:
         top_p = 1.0
     elif not _is_number(top_p) or not 0 < top_p <= 1:
-        raise ApiError("top_p: expected a number greater than 0 and at most 1", param="top_p")
+        raise ApiError(f"top_p: expected a number greater than 0 and at most 1, got {_shown(top_p)}", param="top_p")
 
     seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise ApiError("seed: expected an integer", param="seed")
+    if seed is not None and (not _is_int(seed) or not SEED_MIN <= seed <= SEED_MAX):
+        raise ApiError(f"seed: expected an integer from {SEED_MIN} to {SEED_MAX}, got {_shown(seed)}", param="seed")
 
     n = body.get("n")
     if n is not None:
@@ -179,10 +258,15 @@ def parse_chat_request(body: Any, *, models: list[str], max_tokens_limit: int,
     if options is not None:
         if not isinstance(options, dict):
             raise ApiError("stream_options: expected an object", param="stream_options")
-        include_usage = options.get("include_usage") is True
+        include_usage = options.get("include_usage")
+        if include_usage is not None and not isinstance(include_usage, bool):
+            raise ApiError("stream_options.include_usage: expected true or false",
+                           param="stream_options.include_usage")
+        include_usage = bool(include_usage)
 
     known = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n",
              "stream", "stream_options", "stop"}
-    return ChatRequest(model=model, messages=messages, max_tokens=max_tokens, stop=parse_stop(body.get("stop")),
+    return ChatRequest(model=model, messages=messages, max_tokens=max_tokens, max_tokens_param=param,
+                       stop=parse_stop(body.get("stop")),
                        temperature=float(temperature), top_p=float(top_p), seed=seed, stream=stream,
                        include_usage=include_usage, extra={k: v for k, v in body.items() if k not in known})
