@@ -10,7 +10,8 @@ batch with the least work left first. Every failure is an OpenAI-style error obj
 batch, a request that fails in generation fails alone. Bounded: at most `max_queue` requests wait (429
 with Retry-After), a request has `request_timeout` seconds from arrival to its last token (504), prompt +
 max_tokens at most `max_total_tokens`, and a request whose client has gone stops generating. Guarded
-(`guards.py`): the Host header must name this server and the body must be JSON (415). See docs/serving.md.
+(`guards.py`): the Host header must name this server and the body must be JSON (415). Tools and tool
+calls: `tool_calls.py`. See docs/serving.md.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .monitoring import make_monitor
 from .protocol import (DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_LIMIT,
                        DEFAULT_MAX_TOTAL_TOKENS, DEFAULT_REQUEST_TIMEOUT, ApiError, ChatRequest, decode_json_body,
                        error_body, parse_chat_request)
+from .tool_calls import CallStream, ToolPlan, answer, openai_calls, plan_for
 
 log = logging.getLogger("circuit_breakers.serving")
 
@@ -72,6 +74,7 @@ class Work:
     conversation: list[dict]
     prompt_ids: list[int]
     max_tokens: int
+    tools: ToolPlan = field(default_factory=ToolPlan)
     on_delta: Any = None  # (text, score|None) -> None, from the worker thread
     job: Job | None = None
 
@@ -262,10 +265,10 @@ def create_app(model, tokenizer, *, model_name: str, probe=None, baseline=None, 
         chat = parse_chat_request(decode_json_body(await _read_body(request)), models=names,
                                   max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens)
         target = targets[chat.model]
-        prompt_ids = await asyncio.get_running_loop().run_in_executor(
-            tokenize_pool, _tokenize, request_tokenizers[target.name], chat.messages)
+        prompt_ids, plan = await asyncio.get_running_loop().run_in_executor(
+            tokenize_pool, _tokenize, request_tokenizers[target.name], chat)
         max_tokens = _fit_to_context(chat, target, len(prompt_ids), max_input_tokens, max_total_tokens)
-        work = Work(target, chat, chat.messages, prompt_ids, max_tokens)
+        work = Work(target, chat, chat.messages, prompt_ids, max_tokens, plan)
         if chat.stream:
             return _stream(work, arrived)
         job = _enqueue(work)
@@ -323,6 +326,7 @@ def create_app(model, tokenizer, *, model_name: str, probe=None, baseline=None, 
         task.add_done_callback(lambda _: queue.put_nowait(None))
         cid, created = _completion_id(), int(time.time())
         threshold = thresholds.get(work.target.name)
+        calls_stream = CallStream(work.tools) if work.tools.mode != "none" else None
 
         def chunk(delta: dict, finish_reason=None, **extra) -> str:
             payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": work.target.name,
@@ -336,7 +340,12 @@ def create_app(model, tokenizer, *, model_name: str, probe=None, baseline=None, 
                 while (item := await queue.get()) is not None:
                     text, score = item
                     extra = {"circuit_breaker": {"token_score": _finite(score)}} if score is not None else {}
-                    yield chunk({"content": text}, **extra)
+                    if calls_stream is None:
+                        yield chunk({"content": text}, **extra)
+                        continue
+                    text = calls_stream.feed(text)  # a call is held back until it is complete
+                    if text or extra:
+                        yield chunk({"content": text} if text else {}, **extra)
                 try:
                     result: GenResult = task.result()
                 except Exception as err:  # noqa: BLE001
@@ -351,10 +360,17 @@ def create_app(model, tokenizer, *, model_name: str, probe=None, baseline=None, 
                 extra = {}
                 if result.circuit_breaker is not None:
                     extra["circuit_breaker"] = {**result.circuit_breaker, "threshold": threshold}
-                delta = {}
+                delta, finish_reason = {}, result.finish_reason
                 if result.finish_reason == "content_filter":
                     delta = {"content": refusal}  # the text before the trip has been sent already
-                yield chunk(delta, result.finish_reason, **extra)
+                elif calls_stream is not None:
+                    content, calls, finish_reason = answer(work.tools, result.text, result.finish_reason)
+                    rest = calls_stream.rest(content, calls)
+                    if rest:
+                        yield chunk({"content": rest})
+                    for index, call in enumerate(openai_calls(calls)):
+                        yield chunk({"tool_calls": [{"index": index, **call}]})
+                yield chunk(delta, finish_reason, **extra)
                 if work.chat.include_usage:
                     yield f"data: {json.dumps(_usage_chunk(cid, created, work, result))}\n\n"
                 yield "data: [DONE]\n\n"
@@ -394,13 +410,15 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-def _tokenize(tokenizer, messages: list[dict]) -> list[int]:
+def _tokenize(tokenizer, chat: ChatRequest) -> tuple[list[int], ToolPlan]:
+    """The prompt's token ids (the chat template with the request's tools, and a forced call's opening)."""
+    plan = plan_for(tokenizer, chat)
     try:
-        text = chat_prompt(tokenizer, messages)
+        text = chat_prompt(tokenizer, chat.messages, prefill=plan.prefill, tools=chat.tools or None)
     except Exception as err:  # noqa: BLE001 - a template that rejects the conversation (jinja raise_exception)
         raise ApiError(f"messages: the model's chat template rejects this conversation: {err}",
                        param="messages") from None
-    return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(text, add_special_tokens=False).input_ids, plan
 
 
 def _fit_to_context(chat: ChatRequest, target: Target, prompt_tokens: int, max_input_tokens: int,
@@ -435,11 +453,14 @@ def _usage_chunk(cid: str, created: int, work: Work, result: GenResult) -> dict:
 
 
 def _completion(work: Work, result: GenResult, *, threshold: float | None) -> dict:
+    content, calls, finish_reason = answer(work.tools, result.text, result.finish_reason)
+    message = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = openai_calls(calls)
     response = {
         "id": _completion_id(), "object": "chat.completion", "created": int(time.time()),
         "model": work.target.name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
-                     "finish_reason": result.finish_reason}],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
         "usage": _usage(work, result),
     }
     if result.circuit_breaker is not None:

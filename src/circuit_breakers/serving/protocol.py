@@ -6,7 +6,9 @@ offending parameter, in the error shape OpenAI and vLLM use:
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
 
 Parameters this server does not know are ignored (garak and other clients send many: `frequency_penalty`,
-`presence_penalty`, `logit_bias`, `user`, `tools` with no tool calling, ...). Every value that reaches
+`presence_penalty`, `logit_bias`, `user`, ...). `tools` and `tool_choice` are OpenAI's function calling:
+tool definitions checked by the data schema's normalisation (`data.schema.normalize_tools`), assistant turns
+with `tool_calls` and `tool` turns with their `tool_call_id` in `messages`. Every value that reaches
 generation is one generation accepts: a seed torch can take, a finite temperature and top_p in range,
 strings that are valid Unicode (no lone surrogates), so that no request can fail the batch it joins.
 
@@ -17,10 +19,15 @@ importing the server.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-ROLES = ("system", "developer", "user", "assistant")
+from ..data.schema import DataError, normalize_tool_calls, normalize_tools
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+TOOL_CHOICES = ("none", "auto", "required")
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")  # OpenAI's rule for function names (plus dots)
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 512  # characters; the stop-string check runs on every generated token
 SEED_MIN, SEED_MAX = -2**63, 2**63 - 1  # int64, as OpenAI and vLLM take it (torch.Generator takes this range)
@@ -110,7 +117,9 @@ def _invalid_unicode(value: Any) -> tuple[str, str | None, int, str] | None:
 @dataclass
 class ChatRequest:
     model: str
-    messages: list[dict]  # [{"role", "content": str}], developer mapped to system
+    # [{"role", "content": str}], developer mapped to system; an assistant turn may carry "tool_calls"
+    # (normalised: arguments an object), a tool turn "tool_call_id" (and "name", found from the call)
+    messages: list[dict]
     max_tokens: int
     max_tokens_param: str | None = None  # "max_tokens" or "max_completion_tokens" when the request set it
     stop: tuple[str, ...] = ()
@@ -119,7 +128,15 @@ class ChatRequest:
     seed: int | None = None
     stream: bool = False
     include_usage: bool = False
+    tools: tuple[dict, ...] = ()  # normalised OpenAI function tools
+    tool_choice: str = "none"  # "none", "auto", "required" or "function" (one function, `tool_name`)
+    tool_name: str | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def uses_tools(self) -> bool:
+        """Whether tools are rendered into the prompt (or the conversation holds tool calls)."""
+        return bool(self.tools) or any(m.get("tool_calls") for m in self.messages)
 
 
 def _is_int(value: Any) -> bool:
@@ -157,6 +174,62 @@ def _content_text(content: Any, index: int) -> str:
                    param=param)
 
 
+def _api_error(err: DataError) -> ApiError:
+    """The schema's message ('where: field "tools[0].name": ...') as a 400 naming the parameter."""
+    match = re.match(r'^.*?: field "([^"]+)": (.*)$', str(err), re.DOTALL)
+    if match is None:
+        return ApiError(str(err))
+    return ApiError(f"{match.group(1)}: {match.group(2)}", param=match.group(1))
+
+
+def parse_tools(value: Any) -> tuple[dict, ...]:
+    """OpenAI function tools, normalised ({"type": "function", "function": {name, description, parameters}})."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ApiError(f"tools: expected a list of tool definitions, got {type(value).__name__}", param="tools")
+    for i, item in enumerate(value):  # the schema also takes a bare {"name", ...}; the API takes OpenAI's form
+        if isinstance(item, dict) and item.get("type") == "function" and "function" not in item:
+            raise ApiError(f"tools[{i}].function: required", param=f"tools[{i}].function")
+        if isinstance(item, dict) and "type" not in item:
+            raise ApiError(f'tools[{i}].type: required ("function")', param=f"tools[{i}].type")
+    try:
+        tools = normalize_tools(value, "request")
+    except DataError as err:
+        raise _api_error(err) from None
+    for i, tool in enumerate(tools):
+        name = tool["function"]["name"]
+        if not TOOL_NAME.match(name):
+            raise ApiError(f"tools[{i}].function.name: {_shown(name)} is not a function name (1 to 64 letters, "
+                           "digits, '_', '-' or '.')", param=f"tools[{i}].function.name")
+    return tools
+
+
+def parse_tool_choice(value: Any, tools: tuple[dict, ...]) -> tuple[str, str | None]:
+    """(mode, function name): "none", "auto", "required", or "function" with the function's name."""
+    names = [tool["function"]["name"] for tool in tools]
+    if value is None:
+        return ("auto" if tools else "none"), None
+    if isinstance(value, str):
+        if value not in TOOL_CHOICES:
+            raise ApiError(f"tool_choice: expected one of {', '.join(TOOL_CHOICES)} or "
+                           f'{{"type": "function", "function": {{"name": ...}}}}, got {_shown(value)}',
+                           param="tool_choice")
+        if value == "required" and not tools:
+            raise ApiError('tool_choice: "required" needs tools', param="tool_choice")
+        return (value if tools else "none"), None
+    function = value.get("function") if isinstance(value, dict) else None
+    if (not isinstance(value, dict) or value.get("type") != "function" or not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)):
+        raise ApiError('tool_choice: expected "none", "auto", "required" or {"type": "function", "function": '
+                       '{"name": ...}}', param="tool_choice")
+    name = function["name"]
+    if name not in names:
+        raise ApiError(f"tool_choice: the function {_shown(name)} is not among tools "
+                       f"(defined: {', '.join(names) or 'none'})", param="tool_choice")
+    return "function", name
+
+
 def parse_messages(value: Any) -> list[dict]:
     if value is None:
         raise ApiError("messages: required", param="messages")
@@ -164,7 +237,7 @@ def parse_messages(value: Any) -> list[dict]:
         raise ApiError(f"messages: expected a list of messages, got {type(value).__name__}", param="messages")
     if not value:
         raise ApiError("messages: must contain at least one message", param="messages")
-    messages = []
+    messages, call_names = [], {}
     for i, message in enumerate(value):
         if not isinstance(message, dict):
             raise ApiError(f"messages[{i}]: expected an object with role and content, got "
@@ -173,8 +246,31 @@ def parse_messages(value: Any) -> list[dict]:
         if role not in ROLES:
             raise ApiError(f"messages[{i}].role: expected one of {', '.join(ROLES)}, got {role!r}",
                            param=f"messages[{i}].role")
-        messages.append({"role": "system" if role == "developer" else role,
-                         "content": _content_text(message.get("content"), i)})
+        turn = {"role": "system" if role == "developer" else role,
+                "content": _content_text(message.get("content"), i)}
+        if role == "assistant" and message.get("tool_calls") is not None:
+            if not isinstance(message["tool_calls"], list):
+                raise ApiError(f"messages[{i}].tool_calls: expected a list of tool calls",
+                               param=f"messages[{i}].tool_calls")
+            try:
+                calls = normalize_tool_calls(message["tool_calls"], "request", f"messages[{i}].tool_calls")
+            except DataError as err:
+                raise _api_error(err) from None
+            if calls:
+                turn["tool_calls"] = list(calls)
+                for call in calls:
+                    if "id" in call:
+                        call_names[call["id"]] = call["function"]["name"]
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise ApiError(f"messages[{i}].tool_call_id: a tool message needs the id of the call it answers",
+                               param=f"messages[{i}].tool_call_id")
+            turn["tool_call_id"] = call_id
+            name = message.get("name")
+            if isinstance(name, str) or call_id in call_names:  # templates that name the tool find it here
+                turn["name"] = name if isinstance(name, str) else call_names[call_id]
+        messages.append(turn)
     return messages
 
 
@@ -264,9 +360,13 @@ def parse_chat_request(body: Any, *, models: list[str], max_tokens_limit: int,
                            param="stream_options.include_usage")
         include_usage = bool(include_usage)
 
+    tools = parse_tools(body.get("tools"))
+    tool_choice, tool_name = parse_tool_choice(body.get("tool_choice"), tools)
+
     known = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n",
-             "stream", "stream_options", "stop"}
+             "stream", "stream_options", "stop", "tools", "tool_choice"}
     return ChatRequest(model=model, messages=messages, max_tokens=max_tokens, max_tokens_param=param,
                        stop=parse_stop(body.get("stop")),
                        temperature=float(temperature), top_p=float(top_p), seed=seed, stream=stream,
-                       include_usage=include_usage, extra={k: v for k, v in body.items() if k not in known})
+                       include_usage=include_usage, tools=tools, tool_choice=tool_choice, tool_name=tool_name,
+                       extra={k: v for k, v in body.items() if k not in known})
