@@ -3,6 +3,11 @@
     circuit-breakers train --config smollm2-135m --out runs/rr steps=150
     circuit-breakers train --resume runs/rr
     circuit-breakers train --accelerate-config multi-gpu --num-processes 4 --config llama3-8b --out runs/rr
+    circuit-breakers train --teach-tools --model smollm2-135m --out runs/smollm2-tools steps=20
+
+`--teach-tools` is the step before a tool-use circuit breaker on a model that does not call tools: a short
+supervised LoRA fine-tune on benign tool-use data (training/tool_sft.py), saved merged with a tool template;
+OUT is then the --model of `train` (recipe smollm2-135m-agent).
 
 Only argparse and the config load at registration; the trainer loads inside `run`.
 """
@@ -37,10 +42,15 @@ def register(subparsers) -> None:
                        help=f"start this command through `accelerate launch` with a shipped config ({names}) "
                             "or an accelerate YAML file")
     train.add_argument("--num-processes", type=int, help="with --accelerate-config: processes (GPUs) to start")
+    train.add_argument("--teach-tools", action="store_true",
+                       help="instead of RR: teach the model to call tools (supervised LoRA on benign tool-use data) "
+                            f"and save it merged to --out; key=value sets {', '.join(TEACH_KEYS)}")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
 def run(args) -> int:
+    if getattr(args, "teach_tools", False):
+        return _teach_tools(args)
     if args.accelerate_config:
         return _launch(args, args.argv)
     return _train(args)
@@ -143,4 +153,98 @@ def _train(args) -> int:
         last = result.log[-1] if result.log else {"rerouting_loss": None, "retain_loss": float("nan")}
         print(f"saved {result.output_dir}/model (merged) and {result.output_dir}/adapter; "
               f"last step: rerouting_loss={last['rerouting_loss']} retain_loss={last['retain_loss']:.4g}")
+    return 0
+
+
+# ---------------------------------------------------------------- train --teach-tools
+
+# key=value settings of --teach-tools: teach_tool_calls's own, plus where the model runs and what it learns from.
+TEACH_KEYS = ("steps", "lr", "lora_r", "lora_alpha", "batch_size", "max_length", "seed", "data", "dtype", "device")
+TEACH_DATA = "builtin:tools_benign"
+
+
+def _teach_settings(overrides: list[str]) -> dict:
+    from .tool_sft import TOOL_SFT_DEFAULTS
+
+    values = parse_overrides(overrides)
+    unknown = sorted(set(values) - set(TEACH_KEYS))
+    if unknown:
+        raise ConfigError(f"train --teach-tools: unknown key(s) {', '.join(unknown)}; "
+                          f"valid keys: {', '.join(TEACH_KEYS)}")
+    settings = {**TOOL_SFT_DEFAULTS, "lora_alpha": None, "data": [TEACH_DATA], "dtype": "auto", "device": "auto",
+                **values}
+    if isinstance(settings["data"], str):
+        settings["data"] = [settings["data"]]
+    for key in ("steps", "lora_r", "batch_size", "max_length", "seed"):
+        least = 0 if key == "seed" else 1
+        if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] < least:
+            raise ConfigError(f"train --teach-tools: {key}={settings[key]!r}: expected an integer >= {least}")
+    for key in ("lr", "lora_alpha"):
+        value = settings[key]
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as text
+            try:
+                value = settings[key] = float(value)
+            except ValueError:
+                pass
+        if not (value is None and key == "lora_alpha") and (
+                not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+            raise ConfigError(f"train --teach-tools: {key}={value!r}: expected a number > 0")
+    if not isinstance(settings["data"], list) or not all(isinstance(d, str) for d in settings["data"]):
+        raise ConfigError(f"train --teach-tools: data={settings['data']!r}: expected {TEACH_DATA}, a data file, "
+                          "or a list of them")
+    return settings
+
+
+def _teach_examples(specs: list[str]):
+    from ..data import load_examples
+    from ..data.builtin import builtin_tool_set
+
+    examples = []
+    for spec in specs:
+        examples += builtin_tool_set("benign", "train") if spec == TEACH_DATA else load_examples(spec)
+    if not examples:
+        raise ConfigError(f"train --teach-tools: data={specs} holds no examples")
+    return examples
+
+
+def _teach_tools(args) -> int:
+    import time
+
+    from ..models import base_model_name, check_model, load_model
+    from .tool_sft import save_tool_model, teach_tool_calls
+
+    for flag, value in (("--config", args.config), ("--resume", args.resume),
+                        ("--accelerate-config", args.accelerate_config)):
+        if value:
+            raise ConfigError(f"train --teach-tools takes no {flag}: it runs in this process with its own settings "
+                              f"({', '.join(TEACH_KEYS)})")
+    if not args.out:
+        raise ConfigError("train --teach-tools needs --out")
+    spec = args.model or "smollm2-135m"
+    settings = _teach_settings(args.overrides)
+    out = Path(args.out)
+    _check_out_creatable(out)
+    check_model(spec, dtype=settings["dtype"], device=settings["device"])
+    examples = _teach_examples(settings["data"])
+    model, tokenizer = load_model(spec, dtype=settings["dtype"], device=settings["device"])
+    log: list[dict] = []
+
+    def on_step(record: dict) -> None:
+        log.append(record)
+        step = record["step"]
+        if not args.no_progress and (step == 1 or step % 10 == 0 or step == settings["steps"]):
+            print(f"teach-tools: step {step}/{settings['steps']} loss {record['loss']:.4f} "
+                  f"({record['seconds']:.0f} s)", file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    taught = teach_tool_calls(model, tokenizer, examples, on_step=on_step,
+                              **{k: settings[k] for k in ("steps", "lr", "lora_r", "lora_alpha", "batch_size",
+                                                          "max_length", "seed")})
+    seconds = time.perf_counter() - start
+    save_tool_model(taught, tokenizer, out, base_model=base_model_name(spec),
+                    settings={**settings, "model": spec, "examples": len(examples), "seconds": round(seconds, 1)},
+                    log=log)
+    print(f"saved {out} (merged; its tokenizer renders tools) after {settings['steps']} steps in {seconds:.0f} s, "
+          f"last loss {log[-1]['loss']:.4g}; circuit-break it with `circuit-breakers train --config "
+          f"smollm2-135m-agent --model {out} --out runs/agent-rr`")
     return 0
