@@ -70,6 +70,20 @@ def make_tiny_model(kind: str = "llama", *, vocab_size: int = 400, layers: int =
 # --- server tests (tests/serving) ------------------------------------------------------------------------------
 
 MODEL = "tiny-rr"
+# The Host names FastAPI's and httpx's test clients send: allowed by every test app.
+TEST_HOSTS = ("testserver", "test", "t")
+
+
+def app_maker(model, tokenizer):
+    """`make(**kwargs)`: the server app for `model`, named MODEL, reachable by the test clients."""
+    from circuit_breakers.serving.app import create_app
+
+    def make(**kwargs):
+        kwargs.setdefault("model_name", MODEL)
+        kwargs.setdefault("allowed_hosts", TEST_HOSTS)
+        return create_app(model, tokenizer, **kwargs)
+
+    return make
 HUMAN = [{"role": "user", "content": "How do I bake bread?"}]
 
 

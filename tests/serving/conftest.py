@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from ..helpers import MODEL, LiveServer, make_chat_tokenizer, make_tiny_model
+from ..helpers import LiveServer, app_maker, make_chat_tokenizer, make_tiny_model
 
 fastapi = pytest.importorskip("fastapi", reason="the server needs the serve extra: pip install -e '.[serve]'")
 
-# The Host names of Starlette's TestClient and of the tests' httpx clients (base_url "http://test", "http://t");
-# live servers use 127.0.0.1.
-TEST_HOSTS = ("testserver", "test", "t")
 
 
 @pytest.fixture(scope="session")
@@ -29,14 +26,7 @@ def baseline_model(tokenizer):
 
 @pytest.fixture
 def make_app(model, tokenizer):
-    from circuit_breakers.serving.app import create_app
-
-    def make(**kwargs):
-        kwargs.setdefault("model_name", MODEL)
-        kwargs.setdefault("allowed_hosts", TEST_HOSTS)
-        return create_app(model, tokenizer, **kwargs)
-
-    return make
+    return app_maker(model, tokenizer)
 
 
 @pytest.fixture

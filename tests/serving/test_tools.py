@@ -11,12 +11,11 @@ import pytest
 
 from circuit_breakers.generation import chat_prompt
 
-from ..helpers import (MODEL, LiveServer, assert_error, chat, make_tiny_model, make_tool_tokenizer, parse_sse,
-                       probe_for, streamed_text, threshold_tripping_at)
+from ..helpers import (MODEL, LiveServer, app_maker, assert_error, chat, make_tiny_model, make_tool_tokenizer,
+                       parse_sse, probe_for, streamed_text, threshold_tripping_at)
 
 openai = pytest.importorskip("openai")
 
-HOSTS = ("testserver", "test", "t")
 REFUSAL = "I won't help with that."
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -64,14 +63,7 @@ def scripted(monkeypatch, tool_tokenizer):
 
 @pytest.fixture
 def make_tool_app(tool_model, tool_tokenizer):
-    from circuit_breakers.serving.app import create_app
-
-    def make(**kwargs):
-        kwargs.setdefault("model_name", MODEL)
-        kwargs.setdefault("allowed_hosts", HOSTS)
-        return create_app(tool_model, tool_tokenizer, **kwargs)
-
-    return make
+    return app_maker(tool_model, tool_tokenizer)
 
 
 @pytest.fixture
