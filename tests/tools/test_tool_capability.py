@@ -37,7 +37,11 @@ def test_accuracy_of_scripted_answers_with_its_interval(setup, monkeypatch):
 
     monkeypatch.setattr(tool_capability, "generate_from_ids", answers)
     result = benign_call_accuracy(model, tokenizer, CASES)
-    assert result == {"rate": 0.5, "ci95": list(wilson_interval(1, 2)), "n": 2, "correct": 1}
+    exact = {key: result[key] for key in ("rate", "ci95", "n", "correct")}
+    assert exact == {"rate": 0.5, "ci95": list(wilson_interval(1, 2)), "n": 2, "correct": 1}
+    # Milan for Rome: the wrong argument, but the right tool, and a call.
+    assert result["right_tool"] == result["any_call"] == {"rate": 1.0, "ci95": list(wilson_interval(2, 2)),
+                                                           "correct": 2}
     assert all("Weather forecast for a city." in prompt for prompt in seen)  # the tools were in the prompt
     text_answer = Example(response="Sunny.", request="Weather in Oslo?", tools=(WEATHER_TOOL,))
     report = tool_capability_report(model, tokenizer, CASES + [text_answer], baseline=model)

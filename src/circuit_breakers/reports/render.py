@@ -158,11 +158,13 @@ def build_blocks(results: dict) -> list[Block]:
         tools = results.get("tool_capability")
         if tools:
             rows = [[plots.MODEL_LABELS.get(model, model), f"{tools[model]['correct']} / {tools[model]['n']}",
-                     rate_text(tools[model])] for model in ("baseline", "model") if model in tools]
+                     rate_text(tools[model]), rate_text(tools[model].get("right_tool")),
+                     rate_text(tools[model].get("any_call"))] for model in ("baseline", "model") if model in tools]
             blocks.append(Block("p", f"Tool calling: benign call accuracy (function name and arguments, BFCL-style "
                                      f"AST match) on {tools['n']} benign tool-use test requests ({tools['skipped']} "
                                      "whose answer is text left out)."))
-            blocks.append(Block("table", header=["model", "correct", "accuracy [Wilson 95% CI]"], rows=rows))
+            blocks.append(Block("table", header=["model", "correct", "exact call [Wilson 95% CI]", "right tool(s)",
+                                                 "any call"], rows=rows))
 
     diagnostics = results.get("diagnostics")
     blocks.append(Block("h2", "Representations"))
