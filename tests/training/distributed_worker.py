@@ -51,11 +51,13 @@ def run(model_dir: Path, grad_accum: int, out: Path | None = None, resume: bool 
     log = trainer.train(out, resume=resume or None).log
     if out is not None:  # the saved adapter (under FSDP and ZeRO-3, gathered from every process's shard)
         from safetensors.torch import load_file
-        saved = load_file(out / "adapter" / "adapter_model.safetensors") if trainer.dist.is_main else {}
-        return saved, log, trainer.dist.rank
-    weights = trainer.parallel.full_lora_state(trainer.model) or {n: p.detach().clone() for n, p in trainer.model.named_parameters()
-                                                 if p.requires_grad}
-    return weights, log, trainer.dist.rank
+        weights = load_file(out / "adapter" / "adapter_model.safetensors") if trainer.dist.is_main else {}
+    else:
+        weights = trainer.parallel.full_lora_state(trainer.model) or {
+            n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    rank = trainer.dist.rank
+    trainer.dist.close()
+    return weights, log, rank
 
 
 if __name__ == "__main__":

@@ -153,6 +153,7 @@ def _train(args) -> int:
         last = result.log[-1] if result.log else {"rerouting_loss": None, "retain_loss": float("nan")}
         print(f"saved {result.output_dir}/model (merged) and {result.output_dir}/adapter; "
               f"last step: rerouting_loss={last['rerouting_loss']} retain_loss={last['retain_loss']:.4g}")
+    trainer.dist.close()
     return 0
 
 

@@ -98,6 +98,13 @@ class Distributed:
         if self.active:
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """End the process group once every process is done: a gloo thread still alive when the interpreter
+        exits aborts the process ("terminate called without an active exception")."""
+        if self.active and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     def average_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Replace each tensor by its mean over processes, in one all-reduce of a flat buffer."""
         if not self.active or not tensors:
