@@ -283,6 +283,12 @@ class Checkpointer:
     def log_path(self) -> Path:
         return self.out / LOG_FILE
 
+    def newest(self) -> Path | None:
+        """The newest complete checkpoint on disk (what `--resume OUT` continues from): also right when an
+        interruption lands between a checkpoint's rename into place and `last` being set."""
+        found = list_checkpoints(self.out)
+        return found[-1] if found else self.last
+
     def prepare(self, resume: str | os.PathLike | bool | None, *, adapter_bytes: int, model_bytes: int,
                 cache_bytes: int) -> Path | None:
         """Before the first step (rank 0 checks, every process gets the answer): the directory is writable

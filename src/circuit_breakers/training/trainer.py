@@ -307,7 +307,7 @@ class RRTrainer:
                                  if record[k] is not None}, refresh=False)
                 bar.update(1)
         except KeyboardInterrupt:  # Ctrl-C (or SIGTERM via the CLI): say where a resumed run would continue from
-            raise TrainingInterrupted(step, checkpointer and checkpointer.last, out) from None
+            raise TrainingInterrupted(step, checkpointer and checkpointer.newest(), out) from None
         finally:
             bar.close()  # before any message: a half-drawn bar would swallow it
 
