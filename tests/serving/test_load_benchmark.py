@@ -10,11 +10,17 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "load.py"
 
 
-def test_load_benchmark_tiny(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_load", SCRIPT)
+def _load_benchmark(name: str):
+    """benchmarks/load.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_load_benchmark_tiny(tmp_path, capsys):
+    bench = _load_benchmark("bench_load")
     out = tmp_path / "load.json"
     threads = torch.get_num_threads()
     try:
@@ -33,10 +39,7 @@ def test_load_benchmark_tiny(tmp_path, capsys):
 
 
 def test_load_benchmark_hostile_mode(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_load_hostile", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark("bench_load_hostile")
     out = tmp_path / "hostile.json"
     threads = torch.get_num_threads()
     try:
