@@ -10,7 +10,7 @@ import pytest
 
 from circuit_breakers import demo
 from circuit_breakers.cli import make_parser
-from circuit_breakers.config import RRConfig
+from circuit_breakers.config import RRConfig, recipe_path
 
 from .helpers import make_tiny_model
 
@@ -180,9 +180,9 @@ def test_trained_with_treats_missing_keys_as_defaults(tmp_path):
     saved = config.to_dict()
     del saved["keep_checkpoints"], saved["save_every"]  # a config.yaml written before these keys existed
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert demo._trained_with(tmp_path, config)
-    assert demo._trained_with(tmp_path, RRConfig(steps=3, save_every=7))  # checkpointing is not in the weights
-    assert not demo._trained_with(tmp_path, RRConfig(steps=4))
+    assert demo.trained_with(tmp_path, config)
+    assert demo.trained_with(tmp_path, RRConfig(steps=3, save_every=7))  # checkpointing is not in the weights
+    assert not demo.trained_with(tmp_path, RRConfig(steps=4))
 
 
 def test_side_by_side_labels_say_when_an_output_attempted_the_task():
@@ -197,12 +197,13 @@ def test_demo_subcommand_lives_beside_the_demo(monkeypatch):
     demo.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["demo", "--out", "o", "--retrain", "--judge-agreement", "steps=3"])
     assert (args.out, args.config, args.retrain, args.no_eval, args.judge_agreement, args.overrides) == \
-        ("o", "smollm2-135m", True, False, True, ["steps=3"])
+        ("o", None, True, False, True, ["steps=3"])
     calls = []
     monkeypatch.setattr(demo, "run_demo", lambda config, out, **kw: calls.append((config, out, kw)))
     assert demo.run(args) == 0
     config, out, kw = calls[0]
     assert config.steps == 3 and out == "o" and kw == {"retrain": True, "evaluate": True, "judge_agreement": True}
+    assert config.to_dict() == RRConfig.load(recipe_path("smollm2-135m"), ["steps=3"]).to_dict()  # the default recipe
 
 
 def test_the_demo_evaluates_through_the_pipeline_only():

@@ -56,7 +56,7 @@ def hand_labels_for(model: str) -> Path | None:
 _NOT_IN_WEIGHTS = ("log_every", "save_every", "keep_checkpoints")
 
 
-def _trained_with(out: Path, config: RRConfig) -> bool:
+def trained_with(out: Path, config: RRConfig) -> bool:
     """OUT/model exists and OUT/config.yaml is `config`. A key missing from the saved config (one added
     to RRConfig after that training) counts as its default, which keeps the earlier behaviour."""
     saved = out / "config.yaml"
@@ -82,7 +82,7 @@ def run_demo(config: RRConfig, out_dir: str | Path = "runs/demo", *, retrain: bo
     out = Path(out_dir)
     budget = eval_budget or DEMO_EVAL
     started = time.time()
-    reused = not retrain and _trained_with(out, config)
+    reused = not retrain and trained_with(out, config)
     if reused:
         print(f"reusing {out}/model (trained with the same config; --retrain to train again)")
         train_seconds = None
@@ -177,7 +177,7 @@ def _evaluated_samples(eval_dir: Path, n_prompts: int) -> list[dict]:
 # ---------------------------------------------------------------- the evaluation stage
 
 
-def _model_fingerprint(model_dir: Path) -> dict:
+def model_fingerprint(model_dir: Path) -> dict:
     """Size and modification time of the saved model's files: a rerun resumes only on the same weights."""
     if not model_dir.is_dir():
         return {}
@@ -212,7 +212,7 @@ def run_demo_eval(broken, original, tokenizer, out: Path, config: RRConfig, budg
         broken, tokenizer, budget, eval_dir, baseline=(original, tokenizer), labels=labels_path,
         labels_skipped=skipped, target_layers=config.target_layers, max_length=config.max_length, run_info=run_info,
         title=f"Circuit-breakers demo: {config.model} before and after", resume=not fresh_model,
-        state={"model_files": _model_fingerprint(out / "model"), "baseline": config.model}, progress=progress)
+        state={"model_files": model_fingerprint(out / "model"), "baseline": config.model}, progress=progress)
     return eval_summary(results, eval_dir)
 
 
@@ -246,6 +246,7 @@ def eval_summary(results: dict, eval_dir: Path | str) -> dict:
                                 for kind, r in over.get(model, {}).items()}
                          for when, model in (("before", "baseline"), ("after", "model")) if model in over},
         "benign_agreement": capability.get("agreement"),
+        "tool_calls": _tool_call_cells(results.get("tool_capability")),
         "perplexity": {when: (capability.get("perplexity") or {}).get(model, {}).get("perplexity")
                        for when, model in (("before", "baseline"), ("after", "model"))},
         "mean_cosine": {name: d["mean_cosine"] for name, d in (results.get("diagnostics") or {}).items()
@@ -261,6 +262,20 @@ def eval_summary(results: dict, eval_dir: Path | str) -> dict:
     else:
         summary["judge_agreement"] = {"skipped": results.get("judge_agreement_skipped", "no hand labels")}
     return summary
+
+
+def _tool_call_cells(report: dict | None) -> dict | None:
+    """Benign call accuracy before/after as {"n", "before"/"after": {"exact"/"right_tool"/"any_call": {"rate",
+    "ci95", "correct"}}} (`evaluation.tool_capability`); None when no tool-use behaviours were evaluated."""
+    if not report:
+        return None
+    cells = {"n": report["n"]}
+    for when, model in (("before", "baseline"), ("after", "model")):
+        if model in report:
+            accuracy = report[model]
+            cells[when] = {"exact": {k: accuracy[k] for k in ("rate", "ci95", "correct")},
+                           "right_tool": accuracy["right_tool"], "any_call": accuracy["any_call"]}
+    return cells
 
 
 def _pct(value) -> str:
@@ -382,8 +397,11 @@ def report(result: dict) -> str:
 
 def register(subparsers) -> None:
     demo = subparsers.add_parser("demo", help="train the embedded default and compare it with the original")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--config", default="smollm2-135m", help="recipe for the demo's training")
+    demo.add_argument("--out", default=None, help="output directory (default runs/demo, with --agent runs/demo-agent)")
+    demo.add_argument("--config", default=None, help="recipe for the demo's training (default smollm2-135m)")
+    demo.add_argument("--agent", action="store_true",
+                      help="the tool-using agent demo instead: teach the embedded default tool calls, circuit-break "
+                           "it (recipe smollm2-135m-agent), measure harmful calls and benign call accuracy")
     demo.add_argument("--retrain", action="store_true", help="train again even if OUT/model matches the config")
     demo.add_argument("--no-eval", action="store_true",
                       help="skip the evaluation (attacks, over-refusal, report in OUT/eval): "
@@ -397,9 +415,28 @@ def run(args: argparse.Namespace) -> int:
     from .data.builtin import check_training_data
     from .models import check_model
 
-    config = RRConfig.load(recipe_path(args.config), args.overrides)
+    if args.agent:
+        return _run_agent(args)
+    config = RRConfig.load(recipe_path(args.config or "smollm2-135m"), args.overrides)
     # Before the model loads and --out is created: a bad model, device or data file fails in a second.
     check_model(config.model, dtype=config.dtype, device=config.device)
     check_training_data(config)
-    run_demo(config, args.out, retrain=args.retrain, evaluate=not args.no_eval, judge_agreement=args.judge_agreement)
+    run_demo(config, args.out or "runs/demo", retrain=args.retrain, evaluate=not args.no_eval,
+             judge_agreement=args.judge_agreement)
+    return 0
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    from .agent_demo import agent_config, run_agent_demo
+    from .data.builtin import check_training_data
+    from .config import ConfigError
+
+    for flag, given in (("--config", args.config), ("--no-eval", args.no_eval),
+                        ("--judge-agreement", args.judge_agreement)):
+        if given:
+            raise ConfigError(f"demo --agent takes no {flag}: its recipe is smollm2-135m-agent (key=value overrides "
+                              "apply to it) and its evaluation is the eval config `agent`")
+    out = Path(args.out or "runs/demo-agent")
+    check_training_data(agent_config(out, args.overrides))  # a bad override fails before anything is trained
+    run_agent_demo(out, args.overrides, retrain=args.retrain)
     return 0

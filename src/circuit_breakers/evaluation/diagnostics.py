@@ -88,13 +88,21 @@ def heldout_cosines(model, baseline, tokenizer, layers: Sequence[int], *, max_le
                     sets: Sequence[str] = ("harmful", "benign", "borderline"), limit: int | None = None) -> dict:
     """{set: {"mean_cosine", "per_layer": {layer: {"cosine", "norm_ratio"}}, "items"}} on the response tokens
     of the held-out generated test splits (the model's own answers), at `layers`."""
-    from ..data import ChatFormatter, tokenize_examples
     from ..data.builtin import generated_set
+
+    return example_cosines(model, baseline, tokenizer, layers, {name: generated_set(name, "test")[:limit]
+                                                                 for name in sets}, max_length=max_length)
+
+
+def example_cosines(model, baseline, tokenizer, layers: Sequence[int], sets: dict, *, max_length: int) -> dict:
+    """`heldout_cosines` on given examples: {set name: Examples} (tool-use ones rendered with their tools by
+    the chat template), the same result layout."""
+    from ..data import ChatFormatter, tokenize_examples
 
     formatter = ChatFormatter(tokenizer, max_length)
     result = {}
-    for name in sets:
-        items = tokenize_examples(generated_set(name, "test")[:limit], formatter)
+    for name, examples in sets.items():
+        items = tokenize_examples(examples, formatter)
         per_layer = representation_similarity(model, baseline, items, tokenizer.pad_token_id, layers)
         result[name] = {"mean_cosine": sum(s["cosine"] for s in per_layer.values()) / len(per_layer),
                         "per_layer": per_layer, "items": len(items)}
