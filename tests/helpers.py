@@ -342,3 +342,113 @@ def make_tool_tokenizer(style: str = "hermes"):
     else:
         raise ValueError(f"make_tool_tokenizer: style must be 'hermes' or 'llama31', got {style!r}")
     return tokenizer
+
+
+# ---------------------------------------------------------------- tiny vision-language models (tests/multimodal)
+
+# ChatML over content parts (what VLM templates iterate); a string content is accepted too. IMAGE is replaced by
+# each family's placeholder.
+_VLM_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
+    "{% if part['type'] == 'image' %}{{ 'IMAGE' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_VLM_FAMILIES = ("llava", "llava_next", "idefics3", "qwen2_vl")
+# Each family's image placeholder as its chat template writes it.
+VLM_PLACEHOLDERS = {"llava": "<image>", "llava_next": "<image>", "idefics3": "<image>",
+                    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+
+
+def _tiny_text_config(vocab_size: int, layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+def _image_only_qwen2_vl_processor():
+    """Qwen2VLProcessor without its video processor, which needs torchvision (not installed here)."""
+    from circuit_breakers.multimodal.processing import image_only_processor_class
+
+    return image_only_processor_class("qwen2_vl")
+
+
+def make_tiny_vlm(family: str = "llava", *, layers: int = 4, seed: int = 0):
+    """(model, processor): a randomly initialised vision-language model of a real family (a 2-block vision
+    tower on 16x16 images, a Llama or Qwen2-VL text model of `layers` blocks) and its processor around the
+    tiny chat tokenizer, with PIL image processors (no torchvision here)."""
+    import torch
+
+    tokenizer = make_chat_tokenizer()
+    template = _VLM_TEMPLATE.replace("IMAGE", VLM_PLACEHOLDERS[family])
+    torch.manual_seed(seed)
+    if family in ("llava", "llava_next"):
+        from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                                  LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor)
+        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        common = dict(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+        # LLaVA-NeXT: any-resolution grids of 16x16 tiles (as many tokens per image as its shape asks)
+        grids = dict(image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]]) if family == "llava_next" else {}
+        images = (LlavaNextImageProcessorPil if grids else LlavaImageProcessorPil)(**common, **grids)
+        processor = (LlavaNextProcessor if grids else LlavaProcessor)(
+            image_processor=images, tokenizer=tokenizer, patch_size=4, vision_feature_select_strategy="default",
+            num_additional_image_tokens=1, chat_template=template)
+        vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=16, patch_size=4, projection_dim=16)
+        config = (LlavaNextConfig if grids else LlavaConfig)(
+            vision_config=vision, text_config=_tiny_text_config(len(tokenizer), layers),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+            vision_feature_select_strategy="default", **grids)
+        model = (LlavaNextForConditionalGeneration if grids else LlavaForConditionalGeneration)(config)
+    elif family == "idefics3":
+        from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, Idefics3VisionConfig
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+        images = Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 16})
+        processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
+                                      chat_template=template)  # (16 / 4)^2 patches / scale_factor^2
+        vision = Idefics3VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      image_size=16, patch_size=4)
+        config = Idefics3Config(vision_config=vision.to_dict(),
+                                text_config=_tiny_text_config(len(tokenizer), layers).to_dict(), scale_factor=2,
+                                image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+        model = Idefics3ForConditionalGeneration(config)
+    elif family == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        tokenizer.add_special_tokens({"additional_special_tokens": [
+            "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]})
+        images = Qwen2VLImageProcessorPil(size={"shortest_edge": 8 * 8 * 4, "longest_edge": 32 * 32}, patch_size=4,
+                                          merge_size=2, temporal_patch_size=2)
+        processor = _image_only_qwen2_vl_processor()(image_processor=images, tokenizer=tokenizer,
+                                                     chat_template=template)
+        text = _tiny_text_config(len(tokenizer), layers).to_dict()
+        text.update(model_type="qwen2_vl_text", rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+        config = Qwen2VLConfig(
+            text_config=text, vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2,
+                                                 patch_size=4, spatial_merge_size=2, temporal_patch_size=2),
+            image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+            video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+            vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+        model = Qwen2VLForConditionalGeneration(config)
+    else:
+        raise ValueError(f"make_tiny_vlm: family must be one of {', '.join(TINY_VLM_FAMILIES)}, got {family!r}")
+    tokenizer.name_or_path = f"tiny-{family}-test"
+    return model.eval(), processor
+
+
+def write_test_image(path, size: tuple[int, int] = (20, 24), seed: int = 0):
+    """A random RGB PNG of `size` (width, height) at `path`; returns the path."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path

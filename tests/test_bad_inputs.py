@@ -3,8 +3,6 @@ on stderr that names what was wrong, before anything heavy loads, and leaves no 
 and SIGTERM stop training with a line saying where the last checkpoint is."""
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys

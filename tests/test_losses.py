@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from circuit_breakers.losses import (layer_cosines, mean_cosine, rerouting_loss, retain_loss, rr_coefficients,
+from circuit_breakers.losses import (layer_cosines, logit_kl, mean_cosine, pairwise_cosine_loss, pgd_l2_step,
+                                    rerouting_loss, restoration_cosine, retain_loss, rr_coefficients,
                                     seeded_directions, token_cosines)
 
 B, T, D = 2, 4, 3
@@ -257,3 +258,87 @@ def test_schedule_custom_denominator_and_alpha():
     c_s, c_r = rr_coefficients(25, alpha=5.0, denominator=100)
     assert c_s == pytest.approx(5.0 * 0.75) and c_r == pytest.approx(5.0 * 0.25)
     assert sum(rr_coefficients(7, alpha=5.0, denominator=100)) == pytest.approx(5.0)
+
+
+# ---------------------------------------------------------------- RepBend (method: repbend)
+
+
+def test_pairwise_cosine_loss_matches_direct_computation():
+    g = torch.Generator().manual_seed(11)
+    layers = [3, 7]
+    states = {l: torch.randn(4, 5, generator=g, dtype=torch.float64) for l in layers}
+    expected = 0.0
+    for l in layers:
+        pairs = [1 - _cos(states[l][i], states[l][j]) for i in range(4) for j in range(4) if i != j]
+        expected += sum(pairs) / len(pairs)
+    assert pairwise_cosine_loss(states, layers).item() == pytest.approx(expected / len(layers), abs=1e-6)
+
+
+def test_pairwise_cosine_loss_is_zero_for_aligned_states_and_pulls_them_together():
+    direction = torch.tensor([1.0, -2.0, 0.5])
+    aligned = {1: torch.stack([direction, 3 * direction, 0.2 * direction])}
+    assert pairwise_cosine_loss(aligned, [1]).item() == pytest.approx(0.0, abs=1e-6)
+    opposite = {1: torch.stack([direction, -direction])}
+    assert pairwise_cosine_loss(opposite, [1]).item() == pytest.approx(2.0)
+    assert pairwise_cosine_loss({1: direction[None]}, [1]).item() == 0.0  # one item: no pair
+    # Direction: a gradient step on the loss raises the cosine between the two items.
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0]], requires_grad=True)
+    pairwise_cosine_loss({1: x}, [1]).backward()
+    moved = x.detach() - 0.1 * x.grad
+    assert _cos(moved[0], moved[1]) > _cos(x[0].detach(), x[1].detach())
+
+
+def test_logit_kl_matches_direct_computation_and_direction():
+    g = torch.Generator().manual_seed(12)
+    lora, orig = torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g, dtype=torch.float64)
+    tau, sequences = 2.0, 2
+    expected = 0.0
+    for n in range(5):
+        p = [math.exp(v / tau) for v in orig[n].tolist()]
+        q = [math.exp(v / tau) for v in lora[n].tolist()]
+        p, q = [v / sum(p) for v in p], [v / sum(q) for v in q]
+        expected += sum(a * math.log(a / b) for a, b in zip(p, q))  # KL(original || trained)
+    got = logit_kl(lora, orig, sequences, tau)
+    assert got.item() == pytest.approx(expected * tau ** 2 / sequences, rel=1e-5)
+    assert logit_kl(orig, orig, sequences, tau).item() == pytest.approx(0.0, abs=1e-6)
+    assert logit_kl(lora + 5.0, lora, sequences, tau).item() == pytest.approx(0.0, abs=1e-5)  # a shift is no change
+
+
+def test_repbend_l2_terms_are_the_masked_mean_retain_distance():
+    """safe_L2, unsafe_L2 and the refusal term are retain_loss with masked_mean (the RepBend reference's mean
+    over layers and real tokens); unsafe_L2 is subtracted, so its gradient pushes away from the original."""
+    entries = [1, 4]
+    lora, orig = _states(20, entries), _states(21, entries)
+    expected = _retain_distances(lora, orig, MASK, entries) / (len(entries) * MASK.sum().item())
+    assert retain_loss(lora, orig, MASK, entries, normalization="masked_mean").item() == pytest.approx(expected)
+    x = {l: v.clone().requires_grad_(True) for l, v in lora.items()}
+    (-0.1 * retain_loss(x, orig, MASK, entries, normalization="masked_mean")).backward()
+    moved = {l: x[l].detach() - 0.5 * x[l].grad for l in entries}
+    assert _retain_distances(moved, orig, MASK, entries) > _retain_distances(lora, orig, MASK, entries)
+
+
+# ---------------------------------------------------------------- the latent adversary (method: rr_lat)
+
+
+def test_restoration_cosine_is_the_mean_cosine_without_relu(rerouting_case):
+    lora, orig, layers = rerouting_case
+    got = restoration_cosine(lora, orig, MASK, layers)
+    direct = sum(float(MASK[b, t]) * _cos(lora[l][b, t], orig[l][b, t])
+                 for l in layers for b in range(B) for t in range(T)) / (len(layers) * MASK.sum().item())
+    assert got.item() == pytest.approx(direct, abs=1e-6)
+    assert got.item() == pytest.approx(mean_cosine(lora, orig, MASK, layers), abs=1e-6)
+    assert got.item() < rerouting_loss(lora, orig, MASK, layers).item()  # the ReLU'd one counts no negatives
+
+
+def test_pgd_l2_step_moves_along_the_normalised_gradient_and_projects_per_token():
+    delta = torch.zeros(1, 3, 2)
+    grad = torch.tensor([[[3.0, 4.0], [0.0, 0.0], [0.0, -2.0]]])
+    radius = torch.tensor([[[1.0], [1.0], [0.25]]])
+    step = torch.full((1, 3, 1), 0.5)
+    moved = pgd_l2_step(delta, grad, radius, step)
+    assert torch.allclose(moved[0, 0], torch.tensor([0.3, 0.4]))  # 0.5 along (3, 4) / 5
+    assert torch.equal(moved[0, 1], torch.zeros(2))  # no gradient: no move
+    assert torch.allclose(moved[0, 2], torch.tensor([0.0, -0.25]))  # 0.5 projected back to the radius 0.25
+    again = pgd_l2_step(moved, grad, radius, step)
+    assert torch.linalg.vector_norm(again[0, 0]).item() == pytest.approx(1.0)  # 0.5 + 0.5, on the ball's edge
+    assert torch.all(torch.linalg.vector_norm(again, dim=-1, keepdim=True) <= radius + 1e-6)

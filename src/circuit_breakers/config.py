@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 
 # Where `key=value` overrides come from, as errors name it (a recipe's own errors name the recipe file).
 COMMAND_LINE = "command line (key=value)"
+METHODS = ("rr", "repbend", "rr_lat")
 # The shortest max_length that holds a chat-formatted request and a response: even a bare ChatML prompt
 # is ~8 tokens. Longer prompts are checked item by item when the data is tokenised.
 MIN_MAX_LENGTH = 16
@@ -96,8 +97,12 @@ class RRConfig:
         "template", "how examples with tools and tool calls are written: template (the chat template's own tool "
                     "support; an error if it has none) or json (tools listed in a system turn, each call a JSON "
                     "object in the assistant's text)")
-    # ---- RR
-    target_layers: list[int] = _field([10, 20], "hidden-state entries the rerouting loss acts on")
+    # ---- the method
+    method: str = _field(
+        "rr", "rr (Representation Rerouting, the paper), repbend (Representation Bending: the repbend_* "
+              "settings) or rr_lat (RR trained against a latent adversary: the lat_* settings)")
+    # ---- RR (rr and rr_lat)
+    target_layers: list[int] = _field([10, 20], "hidden-state entries the rerouting loss acts on (rr, rr_lat)")
     alpha: float = _field(10.0, "loss-coefficient scale: 10 for Llama-3-8B, 5 for Mistral-7B")
     schedule_denominator: int | None = _field(None, "D in c_s = alpha(1 - t/D); default 2 * steps")
     retain_normalization: str = _field("reference", "reference (scaled to 1024-token padding) or masked_mean")
@@ -110,15 +115,41 @@ class RRConfig:
                 "target moved by seeded_start_scale x its norm along a seeded direction per layer) or lora "
                 "(LoRA B drawn from N(0, seeded_start_scale^2))")
     seeded_start_scale: float = _field(0.1, "size of the seeded start (see seeded_start)")
+    # ---- RepBend (method: repbend; docs/method-notes.md). No schedule: the weights are constant.
+    repbend_safe_weight: float = _field(0.5, "alpha: weight of the L2 distance to the original on safe (retain) "
+                                             "text, every hidden-state entry")
+    repbend_unsafe_weight: float = _field(0.1, "beta: weight of the L2 distance to the original on unsafe "
+                                               "(circuit-breaker) text at repbend_unsafe_layers, maximised")
+    repbend_cosine_weight: float = _field(0.3, "gamma: weight of the mean pairwise 1 - cos between unsafe "
+                                               "items' states at their last prompt token")
+    repbend_kl_weight: float = _field(0.3, "eps: weight of KL(original || trained) output distributions on "
+                                           "safe text")
+    repbend_kl_temperature: float = _field(2.0, "softmax temperature of the KL term (scaled back by its square)")
+    repbend_refusal_weight: float = _field(
+        0.0, "eta: weight of the distance between the trained states reading the harmful response and the "
+             "original's reading a refusal to the same request (0: off, as in the public RepBend script)")
+    repbend_refusal_tokens: int = _field(20, "positions from the last prompt token the refusal term compares")
+    repbend_unsafe_layers: list[int] = _field(
+        [], "hidden-state entries of the unsafe terms; [] = from 5/8 of the depth to the last entry before the "
+            "final-norm one (Llama-3-8B: 20..31, the paper's 'layer 20 on')")
+    # ---- RR with a latent adversary (method: rr_lat; docs/method-notes.md)
+    lat_layers: list[int] = _field([8], "hidden-state entries the adversary perturbs (0 = the embeddings), "
+                                        "each below max(target_layers)")
+    lat_eps: float = _field(0.1, "radius of each token's L2 ball, relative to the norm of the clean state "
+                                 "it is added to")
+    lat_steps: int = _field(16, "PGD steps per circuit-breaker batch (a forward and backward each, and one more "
+                                "forward to evaluate the last)")
+    lat_step_size: float = _field(0.025, "length of each PGD step, relative to the clean state's norm like lat_eps")
     # ---- LoRA
     lora_r: int = _field(16, "LoRA rank")
     lora_alpha: int = _field(16, "LoRA alpha")
     lora_dropout: float = _field(0.05, "LoRA dropout")
     lora_target_modules: list[str] = _field(
-        ["auto"], "module names LoRA wraps in blocks 0..max(target_layers); auto = the paper's "
-        "q,k,v,o,gate,up,down projections where the model has them, else every linear layer; all-linear",
+        ["auto"], "module names LoRA wraps in blocks 0..max(target_layers) (repbend: of its unsafe layers); auto = "
+        "the paper's q,k,v,o,gate,up,down projections where the model has them, else every linear layer; all-linear",
     )
-    full_layers: bool = _field(False, "keep the blocks above max(target_layers) during training")
+    full_layers: bool = _field(False, "keep the blocks above max(target_layers) during training (repbend always "
+                                      "keeps them: its KL term needs the logits)")
     # ---- optimisation
     steps: int = _field(150, "optimizer steps")
     batch_size: int = _field(16, "items per optimizer step from each set")
@@ -147,7 +178,8 @@ class RRConfig:
 
     def validate(self) -> None:
         check_types(self)
-        choices = {"retain_normalization": ("reference", "masked_mean"), "retain_distance": ("l2", "relative_l2"),
+        choices = {"method": METHODS,
+                   "retain_normalization": ("reference", "masked_mean"), "retain_distance": ("l2", "relative_l2"),
                    "reroute_tokens": ("all", "response"), "seeded_start": ("none", "target", "lora"),
                    "truncation": ("response", "error"),
                    "tool_format": ("template", "json"),
@@ -166,6 +198,19 @@ class RRConfig:
             raise ConfigError("target_layers: expected at least one hidden-state entry, got []")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        self._validate_method()
+
+    def _validate_method(self) -> None:
+        """The settings one method reads that the others ignore."""
+        if self.method == "rr_lat":
+            if not self.lat_layers:
+                raise ConfigError("lat_layers: method rr_lat needs at least one hidden-state entry to perturb")
+            if max(self.lat_layers) >= max(self.target_layers):
+                raise ConfigError(f"lat_layers: each entry must be below max(target_layers) ({max(self.target_layers)}), "
+                                  f"got {self.lat_layers}: a perturbation there cannot reach the rerouting loss")
+        if self.method == "repbend" and self.seeded_start == "target":
+            raise ConfigError("seeded_start: target moves the rerouting target of rr and rr_lat; method repbend has "
+                              "none (use none or lora)")
 
     @property
     def denominator(self) -> int:
@@ -220,6 +265,12 @@ RANGES: dict[str, Bounds] = {
     "max_grad_norm": POSITIVE, "frozen_cache_gb": Bounds(0, why="0 = off"), "activation_memory_gb": POSITIVE,
     "seed": Bounds(0, 2**32 - 1), "log_every": POSITIVE, "save_every": Bounds(0, why="0 = off"),
     "keep_checkpoints": AT_LEAST_ONE,
+    "repbend_safe_weight": NON_NEGATIVE, "repbend_unsafe_weight": NON_NEGATIVE, "repbend_cosine_weight": NON_NEGATIVE,
+    "repbend_kl_weight": NON_NEGATIVE, "repbend_kl_temperature": POSITIVE, "repbend_refusal_weight": NON_NEGATIVE,
+    "repbend_refusal_tokens": AT_LEAST_ONE,
+    "repbend_unsafe_layers": Bounds(1, why="hidden-state entries; 0 is the embeddings"),
+    "lat_layers": Bounds(0, why="hidden-state entries; 0 is the embeddings"), "lat_eps": POSITIVE,
+    "lat_steps": AT_LEAST_ONE, "lat_step_size": POSITIVE,
 }
 
 

@@ -4,6 +4,10 @@
 model with `use_vllm` (the optional backend of `circuit-breakers eval`): then the same prompt tokens
 go to vLLM, which serves the same checkpoint. Only text goes through it; whatever needs the torch
 model itself (gradients, activations, hooks) keeps using the torch model.
+
+Conversations with `images` (a vision-language model; `tokenizer` its processor or the
+ProcessorTokenizer around it) are rendered by multimodal.processing.render_multimodal and generated one
+at a time by the torch model: their pixel tensors differ in shape from image to image.
 """
 
 from __future__ import annotations
@@ -61,14 +65,31 @@ def use_vllm(model: torch.nn.Module, model_path: str, **options) -> VLLMBackend:
 @torch.no_grad()
 def generate(model, tokenizer, conversations: Sequence[list[dict]], *, prefills: Sequence[str] | None = None,
              tools: Sequence[Sequence[dict] | None] | None = None, max_new_tokens: int = 128, batch_size: int = 16,
-             progress: bool = False, desc: str = "generating", torch_only: bool = False) -> list[str]:
+             progress: bool = False, desc: str = "generating", torch_only: bool = False,
+             images: Sequence[Sequence] | None = None) -> list[str]:
     """Greedy completions, batched by similar prompt length; returns the new text only. `tools`: each
     conversation's tool definitions (or None). `torch_only`: never the vLLM backend (for a model changed by
-    hooks, which vLLM's copy of the weights would not see)."""
+    hooks, which vLLM's copy of the weights would not see). `images`: each conversation's images (paths,
+    bytes or PIL images; empty for none), shown in its last user turn."""
     from tqdm.auto import tqdm
 
     prefills = list(prefills) if prefills is not None else [""] * len(conversations)
     tools = list(tools) if tools is not None else [None] * len(conversations)
+    if images is not None and any(images):
+        from .multimodal.processing import ProcessorTokenizer, is_processor
+
+        if is_processor(tokenizer):  # a bare processor: its text side for the rows without images
+            tokenizer = ProcessorTokenizer.wrap(tokenizer)
+        with_images = [i for i, refs in enumerate(images) if refs]
+        outputs = _generate_with_images(model, tokenizer, [conversations[i] for i in with_images],
+                                        [prefills[i] for i in with_images], [tools[i] for i in with_images],
+                                        [images[i] for i in with_images], max_new_tokens)
+        rest = [i for i, refs in enumerate(images) if not refs]
+        texts = generate(model, tokenizer, [conversations[i] for i in rest], prefills=[prefills[i] for i in rest],
+                         tools=[tools[i] for i in rest], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         progress=progress, desc=desc, torch_only=torch_only) if rest else []
+        merged = dict(zip(with_images, outputs)) | dict(zip(rest, texts))
+        return [merged[i] for i in range(len(conversations))]
     texts = [chat_prompt(tokenizer, c, p, t) for c, p, t in zip(conversations, prefills, tools)]
     backend = None if torch_only else _BACKENDS.get(model)
     if backend is not None:
@@ -91,4 +112,30 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], *, prefills:
                 outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
+    return outputs
+
+
+@torch.no_grad()
+def _generate_with_images(model, processor, conversations: Sequence[list[dict]], prefills: Sequence[str],
+                          tools: Sequence, images: Sequence[Sequence], max_new_tokens: int) -> list[str]:
+    """Greedy completions of image conversations, one at a time (see the module docstring)."""
+    from .multimodal.processing import is_processor, processor_of, render_multimodal
+
+    if not is_processor(processor):
+        raise ValueError("conversations with images need the vision-language model's processor (or the "
+                         "ProcessorTokenizer models.load_model returns), not a plain tokenizer")
+    if any(tools):
+        raise ValueError("a conversation with both images and tool definitions is not supported")
+    tokenizer = processor_of(processor).tokenizer
+    parameter = next(model.parameters())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs = []
+    for conversation, prefill, refs in zip(conversations, prefills, images):
+        inputs = render_multimodal(processor, list(conversation), refs, add_generation_prompt=True,
+                                   response=prefill or None)
+        inputs.pop("response_mask")
+        inputs = {k: v.to(parameter.device, parameter.dtype) if v.is_floating_point() else v.to(parameter.device)
+                  for k, v in inputs.items()}
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        outputs.append(tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
     return outputs

@@ -31,6 +31,41 @@ so the first gradient is ~eps / ||h|| along -u_l (orthogonal to h_orig), a funct
 Schedule, t counted in optimizer steps, D = 2T by default:
 
     c_s(t) = alpha * max(0, 1 - t / D)      c_r(t) = alpha * t / D
+
+RepBend (`method: repbend`; Yousefpour et al. 2025, docs/method.md 13). S is the safe (retain) batch,
+U the unsafe (circuit-breaker) batch, E every hidden-state entry, L_u the unsafe layers, d the per-token
+distance of L_r (l2 or relative_l2), r_b the last prompt token of row b, z the LM-head logits:
+
+    safe_L2   = mean_{l in E; b,t in M_S} d(h^l_lora[b,t], h^l_orig[b,t])          retain_loss, masked_mean
+    unsafe_L2 = mean_{l in L_u; b,t in M_U} d(h^l_lora[b,t], h^l_orig[b,t])        retain_loss, masked_mean
+    cos_term  = mean_{l in L_u} mean_{i != j} (1 - cos(h^l_lora[i, r_i], h^l_lora[j, r_j]))    pairwise_cosine_loss
+    KL        = tau^2 / B * sum_{b,t in M_S} KL(softmax(z_orig[b,t] / tau) || softmax(z_lora[b,t] / tau))    logit_kl
+    refusal   = mean_{l in L_u; b; k < K_b} || h^l_lora[b, r_b + k] - h^l_orig,refusal[b, r_b + k] ||   retain_loss
+
+    L = alpha * safe_L2 - beta * unsafe_L2 + gamma * cos_term + eps * KL + eta * refusal
+
+unsafe_L2 is maximised (pushes harmful states away from the original), cos_term minimised (pulls the
+harmful requests' last-prompt-token states together, toward one "unsafe" direction). KL, as the reference
+computes it: the original distribution is the target, summed over tokens and divided by the number of
+sequences. The eta term is the reference implementation's "safe-unsafe" loss: the trained states while
+reading the harmful response are pulled toward the original model's states while reading a refusal to
+the same request, over the K positions from the last prompt token (h_orig,refusal comes from a frozen
+pass over request + refusal).
+
+RR with a latent adversary (`method: rr_lat`; targeted LAT, Sheshadri et al. 2024). An additive
+perturbation delta^l on hidden-state entries l in lat_layers, at prompt positions only, each token's
+inside the L2 ball ||delta^l[b,t]|| <= eps * ||h^l[b,t]|| (h: the clean trained state; relative, so that
+one eps fits residual streams whose norms differ 20x between models), is chosen by PGD to restore the
+harmful representation, i.e. to maximise
+
+    A(delta) = mean_{l in L; b,t in M} cos(h^l_lora+delta[b,t], h^l_orig[b,t])         restoration_cosine
+
+(no ReLU: once the breaker has formed the cosines are <= 0, where the ReLU would leave the adversary no
+gradient), with normalised steps of a * ||h^l[b,t]|| per token:
+
+    delta <- Proj_ball(delta + a * ||h|| * g / ||g||),   g = dA / d delta                  pgd_l2_step
+
+The outer step then minimises c_s(t) * L_s on the perturbed pass (L_r stays unperturbed).
 """
 
 from __future__ import annotations
@@ -122,3 +157,45 @@ def layer_cosines(lora: Mapping[int, torch.Tensor], orig: Mapping[int, torch.Ten
     count = mask.sum().clamp_min(1.0)
     with torch.no_grad():
         return {l: float((token_cosines(lora[l], orig[l]) * mask).sum() / count) for l in layers}
+
+
+def restoration_cosine(lora: Mapping[int, torch.Tensor], orig: Mapping[int, torch.Tensor],
+                       mask: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+    """A: mean cosine over masked tokens and `layers`, differentiable (what the latent adversary maximises)."""
+    mask = mask.float()
+    total = sum((token_cosines(lora[l], orig[l]) * mask).sum() for l in layers)
+    return total / (mask.sum() * len(layers)).clamp_min(1.0)
+
+
+def pgd_l2_step(delta: torch.Tensor, grad: torch.Tensor, radius: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """One ascent step of length `step` along grad / ||grad|| per token, projected back into the per-token L2
+    ball of `radius` (`step`, `radius`: B x T x 1). Tokens without gradient do not move."""
+    at_least_fp32 = torch.promote_types(grad.dtype, torch.float32)
+    grad_norm = torch.linalg.vector_norm(grad, dim=-1, keepdim=True, dtype=at_least_fp32)
+    moved = delta + step * grad / grad_norm.clamp_min(1e-12)
+    norm = torch.linalg.vector_norm(moved, dim=-1, keepdim=True, dtype=at_least_fp32)
+    return moved * (radius / norm.clamp_min(1e-12)).clamp(max=1.0)
+
+
+def pairwise_cosine_loss(states: Mapping[int, torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
+    """RepBend's cos_term: mean over `layers` of the mean over ordered pairs i != j of 1 - cos(x_i, x_j), for
+    states {layer: B x D} (one row per item). 0 for a single item (no pair)."""
+    first = states[layers[0]]
+    rows = first.shape[0]
+    if rows < 2:
+        return first.new_zeros((), dtype=torch.float32)
+    off_diagonal = ~torch.eye(rows, dtype=torch.bool, device=first.device)
+    total = first.new_zeros((), dtype=torch.float32)
+    for l in layers:
+        unit = F.normalize(states[l].float(), dim=-1, eps=1e-8)
+        total = total + (1 - unit @ unit.T)[off_diagonal].mean()
+    return total / len(layers)
+
+
+def logit_kl(lora_logits: torch.Tensor, orig_logits: torch.Tensor, sequences: int, temperature: float = 2.0
+             ) -> torch.Tensor:
+    """RepBend's KL: tau^2 * sum over tokens of KL(softmax(z_orig / tau) || softmax(z_lora / tau)) / sequences,
+    for the logits of the real tokens only (N x V each)."""
+    log_p = F.log_softmax(lora_logits.float() / temperature, dim=-1)
+    log_q = F.log_softmax(orig_logits.float() / temperature, dim=-1)
+    return F.kl_div(log_p, log_q, reduction="sum", log_target=True) * temperature ** 2 / max(sequences, 1)

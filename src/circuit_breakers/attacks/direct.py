@@ -33,7 +33,8 @@ class DirectRequest:
         cfg = self.config
         conversations = [conversation(b.user_message(), cfg.system_prompt) for b in behaviors]
         generations = generate(model, tokenizer, conversations, tools=[b.tools for b in behaviors],
-                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+                               images=[b.images for b in behaviors], max_new_tokens=cfg.max_new_tokens,
+                               batch_size=cfg.batch_size)
         return [AttackOutput(behavior_id=b.id, attack=self.name, prompt=b.user_message(), generations=[g],
                              budget=budget_of(cfg), extra={"prompt_text": chat_prompt(tokenizer, c, tools=b.tools)})
                 for b, c, g in zip(behaviors, conversations, generations)]

@@ -17,7 +17,7 @@ from typing import Sequence
 from ..generation import chat_prompt
 from ..tools.forcing import call_opening
 from ._common import conversation, encode, generate_from_ids
-from .base import AttackOutput, Behavior, budget_of
+from .base import AttackOutput, Behavior, budget_of, refuse_images
 
 
 @dataclass
@@ -32,12 +32,14 @@ class ForcedCallConfig:
 
 class ForcedCall:
     name = "forced_call"
+    takes_images = False  # a prompt with both tools and images is not rendered
     config_class = ForcedCallConfig
 
     def __init__(self, config: ForcedCallConfig | None = None):
         self.config = config or ForcedCallConfig()
 
     def run(self, model, tokenizer, behaviors: Sequence[Behavior]) -> list[AttackOutput]:
+        refuse_images(self.name, behaviors)
         cfg = self.config
         openings, prompts = [], []
         for b in behaviors:

@@ -33,7 +33,7 @@ import torch
 
 from ._common import (DEFAULT_TARGET, PrefixCache, encode, frozen, generate_from_ids, model_device,
                       slot_prompt, target_loss, target_of)
-from .base import AttackOutput, Behavior, budget_of
+from .base import AttackOutput, Behavior, budget_of, refuse_images
 
 
 @dataclass
@@ -129,6 +129,7 @@ def behavior_seed(seed: int, behavior_id: str) -> int:
 
 class GCG:
     name = "gcg"
+    takes_images = False
     config_class = GCGConfig
 
     def __init__(self, config: GCGConfig | None = None, *,
@@ -139,6 +140,7 @@ class GCG:
 
     def run(self, model, tokenizer, behaviors: Sequence[Behavior]) -> list[AttackOutput]:
         cfg = self.config
+        refuse_images(self.name, behaviors)
         results, rows, prompts = [], [], []
         with frozen(model):
             for behavior in behaviors:

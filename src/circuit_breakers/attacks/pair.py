@@ -39,7 +39,7 @@ import torch
 
 from ..generation import generate
 from ._common import DEFAULT_TARGET, conversation, model_device, target_of
-from .base import AttackOutput, Behavior, budget_of
+from .base import AttackOutput, Behavior, budget_of, refuse_images
 
 ScoreFn = Callable[[Behavior, str], float]
 Attacker = Callable[[list[dict]], str]
@@ -185,6 +185,7 @@ class EndpointAttacker:
 
 class PAIR:
     name = "pair"
+    takes_images = False  # the attacker model writes prompts without seeing the image
     config_class = PairConfig
 
     def __init__(self, config: PairConfig | None = None, *, attacker: Attacker | None = None,
@@ -211,6 +212,7 @@ class PAIR:
         return attacker, "target model (self-attack)"
 
     def run(self, model, tokenizer, behaviors: Sequence[Behavior]) -> list[AttackOutput]:
+        refuse_images(self.name, behaviors)
         if self.score_fn is None:
             raise ValueError("PAIR needs score_fn(behavior, generation) -> float in [0, 1] (the judge)")
         attacker, attacker_name = self._attacker(model, tokenizer)

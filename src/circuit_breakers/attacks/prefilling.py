@@ -41,7 +41,8 @@ class Prefilling:
         targets = [target_of(b, cfg.fallback_target) for b in behaviors]
         prefills = [t + cfg.suffix for t, _ in targets]
         continuations = generate(model, tokenizer, conversations, prefills=prefills, tools=[b.tools for b in behaviors],
-                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+                                 images=[b.images for b in behaviors], max_new_tokens=cfg.max_new_tokens,
+                                 batch_size=cfg.batch_size)
         return [AttackOutput(behavior_id=b.id, attack=self.name, prompt=b.user_message(),
                              generations=[p + g], budget=budget_of(cfg),
                              extra={"prefill": p, "continuation": g, "target_fallback": fallback,

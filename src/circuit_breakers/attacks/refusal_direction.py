@@ -43,7 +43,7 @@ import torch
 from ..generation import generate
 from ..models import find_architecture
 from ._common import conversation, model_device
-from .base import AttackOutput, Behavior, budget_of
+from .base import AttackOutput, Behavior, budget_of, refuse_images
 
 
 @dataclass
@@ -185,6 +185,7 @@ def add_vectors(model, vectors: dict[int, torch.Tensor]) -> Iterator[None]:
 
 class _RefusalDirectionAttack:
     name = ""
+    takes_images = False
     config_class: type = RefusalAblationConfig
 
     def __init__(self, config=None):
@@ -210,6 +211,7 @@ class _RefusalDirectionAttack:
         raise NotImplementedError
 
     def run(self, model, tokenizer, behaviors: Sequence[Behavior]) -> list[AttackOutput]:
+        refuse_images(self.name, behaviors)
         cfg = self.config
         was_training = model.training
         model.eval()

@@ -183,6 +183,7 @@ class Templates:
                    for b in behaviors]
         flat = [conversation(p, cfg.system_prompt) for row in prompts for p in row]
         generations = generate(model, tokenizer, flat, tools=[b.tools for b in behaviors for _ in templates],
+                               images=[b.images for b in behaviors for _ in templates],
                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
         n = len(templates)
         return [AttackOutput(behavior_id=b.id, attack=self.name,

@@ -13,7 +13,8 @@ zu, gn) and for the encoding attacks of Wei et al. (2023), without downloading a
   only as good as the table; no machine translation is downloaded.
 
 The instruction texts are this project's own (`instruction`, with `{encoded}` for the transformed
-request). The request is the behaviour's user message (context first for contextual ones).
+request). The request is the behaviour's user message (context first for contextual ones). An image
+behaviour's images stay in the prompt as they are: only the text turn is transformed.
 When `decode_output` (base64, rot13) or `back_translate` (translation) is on, the AttackOutput holds
 two generations: the raw reply and its decoded / back-translated copy (through the inverted phrase
 table), so an English-only judge can read a reply written in the encoding or the language; the
@@ -203,8 +204,10 @@ class _TransformAttack:
         cfg = self.config
         encoded = [self.encode(b.user_message()) for b in behaviors]
         prompts = [cfg.instruction.replace("{encoded}", e) for e in encoded]
+        # An image behaviour keeps its images: only the text turn is encoded.
         generations = generate(model, tokenizer, [conversation(p, cfg.system_prompt) for p in prompts],
-                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+                               images=[b.images for b in behaviors], max_new_tokens=cfg.max_new_tokens,
+                               batch_size=cfg.batch_size)
         outputs = []
         for b, e, p, g in zip(behaviors, encoded, prompts, generations):
             gens, kinds = [g], ["raw"]

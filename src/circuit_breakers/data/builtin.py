@@ -12,6 +12,14 @@ committed; "builtin" in a config means them.
 `builtin/tools/` holds the tool-use sets (written by scripts/make_tool_sets.py): `tools.json`, the tool
 definitions, and `{harmful,benign}.{train,test}.jsonl`, whose records name their tools by name. Their
 responses are written, not generated: a harmful item's response is the harmful call itself.
+
+`builtin/multimodal/` holds the image sets (written by scripts/make_multimodal_sets.py, every image
+drawn by multimodal/images.py): `{harmful,typographic,benign}.{train,test}.jsonl` and `images/`. Harmful
+items are request-only (the harmful part is in the image; each has an affirmative `target`), their
+typographic variants carry the request in the image, and benign items are questions about drawn scenes
+with written answers (`answers`: the accepted short forms). Training specs: `builtin:multimodal_benign`
+(the written answers) and `builtin:multimodal_harmful` / `builtin:multimodal_typographic`, whose
+responses `circuit-breakers data build --model <VLM>` has the model write into generated/<model>/.
 """
 
 from __future__ import annotations
@@ -31,6 +39,12 @@ PROMPT_SETS = ("harmful", "benign", "borderline")
 GENERATED_SETS = ("harmful", "benign", "borderline", "refusal")
 TOOLS_DIR = PROMPTS_DIR / "tools"
 TOOL_SETS = {"tools_harmful": "harmful", "tools_benign": "benign"}  # data spec name -> kind
+MULTIMODAL_DIR = PROMPTS_DIR / "multimodal"
+MULTIMODAL_KINDS = ("harmful", "typographic", "benign")
+MULTIMODAL_GENERATED = ("harmful", "typographic")  # request-only: a vision-language model writes their responses
+# data spec name -> kind; the benign set's responses are written, the others generated (generated_multimodal_set)
+MULTIMODAL_SETS = {"multimodal_harmful": "harmful", "multimodal_typographic": "typographic",
+                   "multimodal_benign": "benign"}
 SPLIT_SEED = 1234
 TEST_FRACTION = 0.2
 
@@ -123,13 +137,64 @@ def builtin_tool_behaviors(split: str = "test") -> list[Behavior]:
     return behaviors
 
 
+def _multimodal_path(kind: str, split: str) -> Path:
+    if kind not in MULTIMODAL_KINDS:
+        raise ValueError(f"built-in multimodal sets are {', '.join(MULTIMODAL_KINDS)}, not {kind!r}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected train or test, got {split!r}")
+    return MULTIMODAL_DIR / f"{kind}.{split}.jsonl"
+
+
+def builtin_multimodal_set(kind: str, split: str = "train") -> list[Example]:
+    """The shipped image examples, their image paths absolute: `kind` "harmful" (image + request, no
+    response), "typographic" (the request drawn into the image, a neutral text prompt; no response) or
+    "benign" (questions about drawn scenes with written responses); `split` "train" or "test"."""
+    return load_examples(_multimodal_path(kind, split), require_response=kind == "benign")
+
+
+def builtin_multimodal_records(kind: str, split: str = "test") -> list[tuple[Example, dict]]:
+    """(example, raw record) pairs of a shipped multimodal set: the record keeps the fields an Example
+    drops (`target`, `answers`, `image_text`, `image_description`, `base_id`)."""
+    path = _multimodal_path(kind, split)
+    records = [record for _, record in jsonl_objects(path, read_text(path))]
+    return list(zip(builtin_multimodal_set(kind, split), records))
+
+
+def builtin_multimodal_behaviors(split: str = "test", kind: str = "harmful") -> list[Behavior]:
+    """The shipped harmful image requests ("harmful", or their "typographic" variants) as Behaviors with
+    their images, affirmative targets and image descriptions (for the judges)."""
+    if kind not in ("harmful", "typographic"):
+        raise ValueError(f"multimodal behaviours are harmful or typographic, not {kind!r}")
+    return [Behavior(id=example.id, request=example.request, category=example.category, target=record["target"],
+                     images=example.images, image_description=record.get("image_description"))
+            for example, record in builtin_multimodal_records(kind, split)]
+
+
+def generated_multimodal_set(name: str, split: str = "train") -> list[Example]:
+    """The responses a vision-language model wrote to a request-only image set (`name` multimodal_harmful or
+    multimodal_typographic): generated/<model>/<name>.<split>.jsonl, written by `circuit-breakers data build
+    --model <VLM>`. None ship: the embedded default is text-only, and they should be the trained model's own
+    answers. When several models' are there, the spec is ambiguous and the file must be named instead."""
+    found = sorted(GENERATED_DIR.glob(f"*/{name}.{split}.jsonl"))
+    if not found:
+        raise DataError(f"builtin:{name}: the built-in harmful image requests have no responses yet (a vision-language "
+                        f"model writes them): run `circuit-breakers data build --model <the VLM you train>`, which "
+                        f"writes {GENERATED_DIR}/<model>/{name}.{{train,test}}.jsonl")
+    if len(found) > 1:
+        raise DataError(f"builtin:{name}: responses of several models are in {GENERATED_DIR} "
+                        f"({', '.join(p.parent.name for p in found)}); name the file of the one you train instead, "
+                        f"e.g. {found[0]}")
+    return load_examples(found[0])
+
+
 def load_training_sets(cb_specs: list[str], retain_specs: list[str], *, seed: int,
                        response_field: str | None = None, refusals: bool = True
                        ) -> tuple[list[Example], list[Example]]:
     """(circuit-breaker examples, retain examples) from config specs; `builtin` = the shipped sets.
 
-    `builtin:NAME` is one shipped train set (harmful, benign, borderline or refusal, or the tool-use sets
-    tools_harmful and tools_benign).
+    `builtin:NAME` is one shipped train set (harmful, benign, borderline or refusal, the tool-use sets
+    tools_harmful and tools_benign, or the image sets multimodal_benign (written answers), multimodal_harmful
+    and multimodal_typographic (answers a vision-language model wrote: `generated_multimodal_set`)).
 
     With `refusals`, every circuit-breaker request also enters the retain set answered by one of
     the project's refusal styles, so refusing stays a retained behaviour (paper, Llama-3 recipe).
@@ -146,9 +211,14 @@ def load_training_sets(cb_specs: list[str], retain_specs: list[str], *, seed: in
                 if name in TOOL_SETS:
                     examples.extend(builtin_tool_set(TOOL_SETS[name], "train"))
                     continue
+                if name in MULTIMODAL_SETS:
+                    kind = MULTIMODAL_SETS[name]
+                    examples.extend(builtin_multimodal_set(kind, "train") if kind not in MULTIMODAL_GENERATED
+                                    else generated_multimodal_set(name, "train"))
+                    continue
                 if name not in GENERATED_SETS:
                     raise DataError(f"data spec {spec!r}: built-in sets are "
-                                    f"{', '.join('builtin:' + n for n in (*GENERATED_SETS, *TOOL_SETS))}")
+                                    f"{', '.join('builtin:' + n for n in (*GENERATED_SETS, *TOOL_SETS, *MULTIMODAL_SETS))}")
                 examples.extend(generated_set(name, "train"))
             else:
                 examples.extend(load_examples(spec, response_field=response_field))

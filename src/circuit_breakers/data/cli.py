@@ -14,7 +14,8 @@ from ..config import AT_LEAST_ONE, bounded
 
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
-    build = data.add_parser("build", help="generate the built-in sets' responses with a model")
+    build = data.add_parser("build", help="generate the built-in sets' responses with a model (a vision-language "
+                                          "model: the harmful image sets' too)")
     build.add_argument("--model", default="smollm2-135m")
     build.add_argument("--out", help="output directory (default: the package's data/generated/<model>)")
     positive = bounded(int, AT_LEAST_ONE)

@@ -39,6 +39,7 @@ class TokenizedExample:
     input_ids: tuple[int, ...]
     response_start: int  # index of the first response token
     source: str | None = None
+    images: tuple = ()  # the example's image references (paths or bytes), for a vision-language collator
 
     @property
     def length(self) -> int:
@@ -89,7 +90,8 @@ class ChatFormatter:
         self._end_ids = self._ids(self.end_of_turn)
 
     def _render(self, conversation: list[dict], add_generation_prompt: bool,
-                tools: tuple[dict, ...] | list[dict] | None = None) -> str:
+                tools: tuple[dict, ...] | list[dict] | None = None, n_images: int = 0) -> str:
+        # n_images: used by a vision-language formatter (multimodal/processing.py); text never has images
         extra = {"tools": list(tools)} if tools else {}
         return self.tokenizer.apply_chat_template(
             conversation, add_generation_prompt=add_generation_prompt, tokenize=False,
@@ -100,6 +102,13 @@ class ChatFormatter:
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _prompt_ids(self, text: str, images: tuple, where: str) -> list[int]:
+        """The rendered prompt's ids; a vision-language formatter expands its image placeholders here."""
+        if images:
+            raise DataError(f'{where}: field "images": {self._name()!r} is a text-only model (its tokenizer has no '
+                            "image processor); images need a vision-language model, loaded with its processor")
+        return self._ids(text)
 
     def _end_of_turn_text(self) -> str:
         """What the template writes after an assistant message, e.g. "<|im_end|>\\n"."""
@@ -182,13 +191,16 @@ class ChatFormatter:
     def format(self, example: Example) -> TokenizedExample:
         drop = self._rng.random() < self.drop_instruction_prob
         conversation = _EMPTY_TURN if drop else example.conversation()
+        images = () if drop else example.images  # the images belong to the dropped instruction
         prompt_field = "messages" if example.messages else "request"
         where = example.source or "<unknown source>"
         uses_tools = bool(example.tools or example.tool_calls
                           or any(m["role"] == "tool" or m.get("tool_calls") for m in conversation))
+        if images and uses_tools:
+            raise DataError(f'{where}: field "images": examples with both images and tools are not supported')
         try:
             if not uses_tools:
-                prompt_text = self._render(conversation, True)
+                prompt_text = self._render(conversation, True, n_images=len(images))
                 response = self._ids(example.response) + self._end_ids
             elif self.tool_format == "json":
                 prompt_text = self._render(self._json_tool_conversation(conversation, example.tools), True)
@@ -200,7 +212,7 @@ class ChatFormatter:
             raise
         except Exception as e:  # jinja raise_exception(), e.g. "roles must alternate"
             raise DataError(f'{where}: field "{prompt_field}": the chat template failed: {e}') from e
-        prompt = self._ids(prompt_text)
+        prompt = self._prompt_ids(prompt_text, images, where)
 
         if len(prompt) + 1 > self.max_length:
             raise DataError(f'{where}: field "{prompt_field}": the prompt is {len(prompt)} tokens, '
@@ -211,7 +223,7 @@ class ChatFormatter:
                 raise DataError(f'{where}: field "response": prompt + response is {total} tokens, '
                                 f'over max_length={self.max_length} (truncation="error")')
             response = response[: self.max_length - len(prompt)]
-        return TokenizedExample(tuple(prompt + response), len(prompt), example.source)
+        return TokenizedExample(tuple(prompt + response), len(prompt), example.source, images)
 
 
 def tokenize_examples(examples: Iterable[Example], formatter: ChatFormatter) -> list[TokenizedExample]:
@@ -227,7 +239,7 @@ def refusal_examples(harmful: list[Example], refusals: list[str], seed: int) -> 
     # The tools stay offered: refusing is retained in the tool-use setting too.
     return [Example(response=rng.choice(refusals), request=ex.request, messages=ex.messages,
                     category="refusal", source=ex.source, id=f"{ex.id}-refusal" if ex.id else None,
-                    tools=ex.tools)
+                    tools=ex.tools, images=ex.images)
             for ex in harmful]
 
 

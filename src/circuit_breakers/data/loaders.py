@@ -312,12 +312,38 @@ def load_examples(spec: str | os.PathLike, *, response_field: str | None = None,
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive integer or None, got {limit}")
     examples = []
+    base = _image_base(spec)
     for where, source, record in itertools.islice(_rows(spec, split, limit), limit):
         example = example_from_record(from_public_layout(record, where, response_field), where,
                                       response_field=response_field,
                                       require_response=require_response)
+        if example.images:
+            example = replace(example, images=resolve_images(example.images, base, where))
         examples.append(example if example.source else replace(example, source=source))
     return examples
+
+
+def _image_base(spec: str | os.PathLike) -> Path:
+    """What relative image paths are relative to: the data file's folder (a `datasets` directory itself;
+    the working directory for hub data)."""
+    if isinstance(spec, str) and spec.startswith("hf:"):
+        return Path()
+    path = Path(spec)
+    return path if path.is_dir() else path.parent
+
+
+def resolve_images(images: tuple, base: Path, where: str) -> tuple:
+    """Image paths made relative to `base` (raw bytes kept), each checked to exist."""
+    resolved = []
+    for i, image in enumerate(images):
+        if isinstance(image, str):
+            path = Path(image).expanduser()
+            path = path if path.is_absolute() else base / path
+            if not path.is_file():
+                raise DataError(f'{where}: field "images[{i}]": {path}: image file not found')
+            image = str(path)
+        resolved.append(image)
+    return tuple(resolved)
 
 
 def write_jsonl(path: str | os.PathLike, examples: Iterable[Example | dict]) -> None:

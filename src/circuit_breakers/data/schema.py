@@ -11,7 +11,8 @@ JSONL schema (one JSON object per line; blank lines are skipped)::
      "tools": [{"type": "function", "function": {"name": "send_email", "description": "...",
                 "parameters": {"type": "object", "properties": {...}}}}],   # optional
      "tool_calls": [{"type": "function", "function": {"name": "send_email",
-                     "arguments": {"to": "..."}}}]}                          # optional
+                     "arguments": {"to": "..."}}}],                          # optional
+     "images": ["images/cat.png"]}           # optional: image paths for a vision-language model
 
 ``messages`` is the conversation *before* the response (roles ``system``, ``user``,
 ``assistant`` and ``tool``, ``content`` a string); when it is given, ``request`` may be left
@@ -30,11 +31,19 @@ Field names of the reference repository are accepted as aliases: ``prompt`` and
 extra field is ignored. The same schema applies to ``.json``, ``.csv`` and
 ``datasets`` rows; see docs/data.md.
 
+``images`` are paths relative to the data file (the loader resolves them and checks that they
+exist), ``data:`` URIs (base64), or raw bytes and ``{"bytes", "path"}`` objects from ``datasets``
+rows; a single path may be given as a string. They go into the last user turn, before its text,
+rendered by the vision-language model's processor (multimodal/processing.py).
+
 ``Behavior`` (a harmful request to elicit, HarmBench's unit) lives here too, below the attacks that
 take it and the judges that judge against it.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +69,11 @@ class Behavior:
     tools: tuple[dict, ...] | None = None  # tool definitions offered to the model (normalised, see Example)
     # {"name": tool, "key_argument": argument}: the call that would carry out the harm, for rule-based judges
     harmful_call: dict | None = None
+    # Images shown with the request (paths or raw encoded bytes, as Example.images), for vision-language models
+    images: tuple = ()
+    # What the images show, in words: for the judges only (never shown to the model, which sees the images);
+    # HarmBench's RedactedImageDescription, which its classifier reads as the behaviour's context
+    image_description: str | None = None
 
     def __post_init__(self) -> None:
         if self.harmful_call is not None:
@@ -80,6 +94,7 @@ class Example:
     id: str | None = None
     tools: tuple[dict, ...] | None = None
     tool_calls: tuple[dict, ...] | None = None
+    images: tuple = ()  # paths (str) or raw encoded bytes, in the last user turn
 
     def conversation(self) -> list[dict]:
         """The turns before the response, ready for a chat template."""
@@ -105,8 +120,47 @@ class Example:
             "source": self.source,
             "tools": list(self.tools) if self.tools else None,
             "tool_calls": list(self.tool_calls) if self.tool_calls else None,
+            "images": [image if isinstance(image, str) else _data_uri(image) for image in self.images] or None,
         }
         return {k: v for k, v in record.items() if v is not None}
+
+
+def _data_uri(data: bytes) -> str:
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _image_ref(item: Any, where: str, field: str) -> str | bytes:
+    """One image reference as a path (str) or raw bytes."""
+    if isinstance(item, dict):  # a `datasets` Image feature left undecoded: {"bytes": ..., "path": ...}
+        item = item.get("bytes") or item.get("path")
+    elif type(item).__module__.startswith("PIL."):  # a decoded `datasets` Image feature
+        buffer = io.BytesIO()
+        item.save(buffer, format="PNG")
+        item = buffer.getvalue()
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    if not isinstance(item, str) or not item.strip():
+        got = repr(item) if isinstance(item, str) else _type_name(item)
+        raise DataError(f'{where}: field "{field}": expected an image path, a data: URI or bytes, got {got}')
+    if item.startswith("data:"):
+        header, _, payload = item.partition(",")
+        try:
+            if not header.endswith(";base64"):
+                raise ValueError("not base64")
+            return base64.b64decode(payload, validate=True)
+        except (ValueError, binascii.Error):
+            raise DataError(f'{where}: field "{field}": a data: URI that is not base64 '
+                            "(expected data:<type>;base64,<data>)") from None
+    return item
+
+
+def image_refs(value: Any, where: str) -> tuple:
+    """The `images` field: a list of references (or JSON text of one, as CSV cells hold it), or one."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        value = _json_list(value, where, "images", "image paths")
+    elif not isinstance(value, (list, tuple)):
+        value = [value]
+    return tuple(_image_ref(item, where, f"images[{i}]") for i, item in enumerate(value))
 
 
 def _type_name(value: Any) -> str:
@@ -326,4 +380,5 @@ def example_from_record(record: dict, where: str, *, response_field: str | None 
         id=_optional_str(record, "id", where, allow_int=True),
         tools=tools,
         tool_calls=tool_calls,
+        images=image_refs(record["images"], where) if record.get("images") is not None else (),
     )

@@ -1,5 +1,13 @@
 """Harmful behaviours to attack: HarmBench CSV, the project's JSONL, or the built-in test split.
 
+HarmBench's multimodal CSV (the text columns plus `ImageFileName`) gives image behaviours: each
+multimodal row's image is looked up in the `images` folder when one is given, else beside the CSV,
+then in `multimodal_behavior_images/` beside it or one folder up (HarmBench's own layout:
+data/behavior_datasets/*.csv and data/multimodal_behavior_images/); its `RedactedImageDescription`
+(else `ImageDescription`) becomes the behaviour's `image_description`, which the judges read (the
+model sees the image). "builtin:multimodal" is the project's harmful image test split (drawn
+diagrams), "builtin:multimodal_typographic" its typographic variants.
+
 Every behaviour gets an affirmative target ("Sure, here is ..."), used by prefilling and the
 optimisation attacks. A file's own target wins, then the targets file (HarmBench ships its targets
 as JSON `{BehaviorID: target}`), then `derive_target(request)` (rule in its docstring and in
@@ -19,12 +27,16 @@ from pathlib import Path
 from typing import Sequence
 
 from ..data.schema import Behavior
-from ..data.loaders import jsonl_objects, read_text
-from ..data.schema import DataError, normalize_tools
+from ..data.loaders import jsonl_objects, read_text, resolve_images
+from ..data.schema import DataError, image_refs, normalize_tools
 
 HARMBENCH_COLUMNS = ("Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString", "BehaviorID")
+IMAGE_COLUMN = "ImageFileName"  # HarmBench's multimodal behaviours CSV
+# What HarmBench's classifier reads as a multimodal behaviour's context, then the unredacted description
+DESCRIPTION_COLUMNS = ("RedactedImageDescription", "ImageDescription")
+HARMBENCH_IMAGE_DIR = "multimodal_behavior_images"
 REQUIRED_COLUMNS = ("Behavior", "BehaviorID")
-JSONL_FIELDS = ("request", "category", "id", "context", "target")
+JSONL_FIELDS = ("request", "category", "id", "context", "target", "image_description")
 TARGET_PREFIX = "Sure, here is "
 
 
@@ -160,10 +172,30 @@ def load_targets(path: str | Path) -> dict[str, str]:
     return dict(data)
 
 
-def load_harmbench_csv(path: str | Path, targets: dict[str, str] | None = None) -> list[Behavior]:
+def _image_dirs(path: Path, images: str | Path | None) -> list[Path]:
+    if images is not None:
+        return [Path(images)]
+    return [path.parent, path.parent / HARMBENCH_IMAGE_DIR, path.parent.parent / HARMBENCH_IMAGE_DIR]
+
+
+def _find_image(name: str, dirs: list[Path], where: str) -> str:
+    candidate = Path(name).expanduser()
+    found = [candidate] if candidate.is_absolute() else [d / candidate for d in dirs]
+    for path in found:
+        if path.is_file():
+            return str(path)
+    raise BehaviorError(f'{where}: column "{IMAGE_COLUMN}": image {name!r} not found (looked in '
+                        f'{", ".join(str(d) for d in (found if candidate.is_absolute() else dirs))}; '
+                        "pass the images folder with --images)")
+
+
+def load_harmbench_csv(path: str | Path, targets: dict[str, str] | None = None, *,
+                       images: str | Path | None = None) -> list[Behavior]:
     """HarmBench's behaviours CSV. Contextual rows keep their ContextString (see Behavior.user_message).
 
-    Multimodal rows (FunctionalCategory "multimodal") are skipped: this project attacks text models.
+    Multimodal rows (FunctionalCategory "multimodal") become image behaviours when the CSV has the
+    `ImageFileName` column (HarmBench's multimodal CSV; the image found as the module docstring says,
+    in the `images` folder when given); without that column they are skipped.
     """
     path = Path(path)
     reader = csv.DictReader(io.StringIO(_read(path), newline=""))
@@ -172,6 +204,8 @@ def load_harmbench_csv(path: str | Path, targets: dict[str, str] | None = None) 
     if missing:
         raise BehaviorError(f"{path} line 1: missing column(s) {', '.join(missing)}; a HarmBench behaviours "
                             f"CSV has the columns {', '.join(HARMBENCH_COLUMNS)} (found: {', '.join(header) or 'none'})")
+    with_images = IMAGE_COLUMN in header
+    dirs = _image_dirs(path, images)
     behaviors: list[Behavior] = []
     seen: dict[str, int] = {}
     for row in reader:
@@ -189,14 +223,21 @@ def load_harmbench_csv(path: str | Path, targets: dict[str, str] | None = None) 
             raise BehaviorError(f'{where}: column "BehaviorID": duplicate id "{behavior_id}" '
                                 f"(first on line {seen[behavior_id]})")
         seen[behavior_id] = line
-        if functional == "multimodal":
+        image = (row.get(IMAGE_COLUMN) or "").strip()
+        if functional == "multimodal" and not with_images:
             continue
+        if functional == "multimodal" and not image:
+            raise BehaviorError(f'{where}: column "{IMAGE_COLUMN}": empty, but FunctionalCategory is "multimodal" '
+                                f'(behaviour "{behavior_id}")')
         if functional == "contextual" and context is None:
             raise BehaviorError(f'{where}: column "ContextString": empty, but FunctionalCategory is '
                                 f'"contextual" (behaviour "{behavior_id}")')
         target = (targets or {}).get(behavior_id) or derive_target(request)
+        description = next((row[c].strip() for c in DESCRIPTION_COLUMNS if (row.get(c) or "").strip()), None)
         behaviors.append(Behavior(id=behavior_id, request=request, context=context, target=target,
-                                  category=(row.get("SemanticCategory") or "").strip() or None))
+                                  category=(row.get("SemanticCategory") or "").strip() or None,
+                                  images=(_find_image(image, dirs, where),) if image else (),
+                                  image_description=description if image else None))
     if not behaviors:
         raise BehaviorError(f"{path}: no behaviours (empty file, header only, or multimodal rows only)")
     return behaviors
@@ -204,7 +245,9 @@ def load_harmbench_csv(path: str | Path, targets: dict[str, str] | None = None) 
 
 def load_behaviors_jsonl(path: str | Path, targets: dict[str, str] | None = None) -> list[Behavior]:
     """The project's JSONL: {"request", "category"?, "id"?, "context"?, "target"?} per line; tool-use
-    behaviours add "tools" (OpenAI tool definitions) and "harmful_call" ({"name", "key_argument"}).
+    behaviours add "tools" (OpenAI tool definitions) and "harmful_call" ({"name", "key_argument"}); image
+    behaviours "images" (paths relative to the file, as a data set's) and "image_description" (what they
+    show, for the judges).
 
     `prompt` and `behavior` are accepted for `request`. A missing id becomes "<file stem>-<line>".
     """
@@ -218,7 +261,7 @@ def load_behaviors_jsonl(path: str | Path, targets: dict[str, str] | None = None
         if not isinstance(request, str) or not request.strip():
             raise BehaviorError(f'{where}: field "{name}": expected a non-empty string, got {request!r}')
         fields = {}
-        for field in ("category", "id", "context", "target"):
+        for field in ("category", "id", "context", "target", "image_description"):
             value = record.get(field)
             if field == "id" and isinstance(value, int) and not isinstance(value, bool):
                 value = str(value)
@@ -231,10 +274,13 @@ def load_behaviors_jsonl(path: str | Path, targets: dict[str, str] | None = None
         seen[behavior_id] = n
         target = fields["target"] or (targets or {}).get(behavior_id) or derive_target(request)
         tools = normalize_tools(record["tools"], where) if record.get("tools") is not None else None
+        images = (resolve_images(image_refs(record["images"], where), path.parent, where)
+                  if record.get("images") is not None else ())
         try:
             behaviors.append(Behavior(id=behavior_id, request=request.strip(), context=fields["context"],
                                       target=target, category=fields["category"], tools=tools,
-                                      harmful_call=record.get("harmful_call")))
+                                      harmful_call=record.get("harmful_call"), images=images,
+                                      image_description=fields["image_description"]))
         except DataError as err:
             raise BehaviorError(f"{where}: {err}") from None
     if not behaviors:
@@ -257,9 +303,11 @@ def builtin_behaviors(split: str = "test", targets: dict[str, str] | None = None
 
 
 def load_behaviors(spec: str | Path | None = None, *, targets: str | Path | dict | None = None,
-                   limit: int | None = None) -> list[Behavior]:
-    """Behaviours from a HarmBench .csv, a project .jsonl, (None / "builtin") the built-in test split, or
-    "builtin:tools" (the built-in harmful tool-use test split, with each item's tools and harmful call)."""
+                   limit: int | None = None, images: str | Path | None = None) -> list[Behavior]:
+    """Behaviours from a HarmBench .csv (multimodal rows' images in `images`, see the module docstring), a
+    project .jsonl, (None / "builtin") the built-in test split, "builtin:tools" (the built-in harmful
+    tool-use test split, with each item's tools and harmful call), or "builtin:multimodal" /
+    "builtin:multimodal_typographic" (the built-in harmful image requests; ":train" for the train split)."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive integer or None, got {limit}")
     target_map = load_targets(targets) if isinstance(targets, (str, Path)) else targets
@@ -268,12 +316,20 @@ def load_behaviors(spec: str | Path | None = None, *, targets: str | Path | dict
     elif str(spec) in ("builtin:tools", "builtin:tools:test", "builtin:tools:train"):
         from ..data.builtin import builtin_tool_behaviors
         behaviors = builtin_tool_behaviors(str(spec).split(":")[2] if str(spec).count(":") == 2 else "test")
+    elif str(spec).split(":")[:2] in (["builtin", "multimodal"], ["builtin", "multimodal_typographic"]):
+        from ..data.builtin import builtin_multimodal_behaviors
+        parts = str(spec).split(":")
+        if len(parts) > 3 or (len(parts) == 3 and parts[2] not in ("train", "test")):
+            raise BehaviorError(f'behaviours "{spec}": expected {":".join(parts[:2])}, {":".join(parts[:2])}:test '
+                                f'or {":".join(parts[:2])}:train')
+        kind = "typographic" if parts[1] == "multimodal_typographic" else "harmful"
+        behaviors = builtin_multimodal_behaviors(parts[2] if len(parts) == 3 else "test", kind)
     elif str(spec).startswith("builtin:"):
         behaviors = builtin_behaviors(str(spec).split(":", 1)[1], target_map)
     else:
         path = Path(spec)
         if path.suffix.lower() == ".csv":
-            behaviors = load_harmbench_csv(path, target_map)
+            behaviors = load_harmbench_csv(path, target_map, images=images)
         elif path.suffix.lower() == ".jsonl":
             behaviors = load_behaviors_jsonl(path, target_map)
         else:

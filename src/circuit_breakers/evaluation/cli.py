@@ -60,8 +60,11 @@ def register(subparsers) -> None:
     p.add_argument("--model", help="the model to evaluate: hub id, directory, .gguf or smollm2-135m")
     p.add_argument("--baseline", help="the original model, evaluated too (\"before\") and used as reference")
     p.add_argument("--behaviors", help="HarmBench .csv or project .jsonl (default: the built-in harmful test split; "
-                   "builtin:tools: the built-in harmful tool-use test split, for --attacks forced_call and --judge tool_call)")
+                   "builtin:tools: the built-in harmful tool-use test split, for --attacks forced_call and --judge tool_call; "
+                   "builtin:multimodal: the built-in harmful image requests, for a vision-language model)")
     p.add_argument("--targets", help="JSON {BehaviorID: target} (HarmBench's targets file)")
+    p.add_argument("--images", help="folder of a HarmBench multimodal CSV's images (default: beside the CSV, or "
+                   "multimodal_behavior_images/ beside it or one folder up)")
     p.add_argument("--eval-config", metavar="NAME_OR_YAML",
                    help=f"the evaluation's budget: a YAML file or a shipped one ({', '.join(shipped_eval_configs())}); "
                         "the flags below given on the command line replace its settings")
@@ -171,6 +174,8 @@ def _eval_config(args):
 def _run(args) -> int:
     if not args.model or not args.out:
         return _error("eval needs --model and --out")
+    from ..attacks import ATTACKS
+    from ..attacks.base import check_attacks_take_images
     from ..models import check_model, load_model
     from .behaviors import load_behaviors
     from .pipeline import run_evaluation
@@ -182,7 +187,11 @@ def _run(args) -> int:
         return _error(str(err))
     for spec in filter(None, (args.model, args.baseline)):  # so do a bad model, device or behaviours file
         check_model(spec, dtype=args.dtype, device=args.device)
-    behaviors = load_behaviors(args.behaviors, targets=args.targets)
+    behaviors = load_behaviors(args.behaviors, targets=args.targets, images=args.images)
+    try:  # a text-only attack on image behaviours fails here, not after the models load
+        check_attacks_take_images([ATTACKS[name] for name in config.attacks], behaviors[:config.behaviors])
+    except ValueError as err:
+        return _error(str(err))
     rank, world = init_shard_processes()  # under a launcher: join the others, take this process's GPU
     try:
         backend = _choose_generation_backend(args, world)

@@ -2,7 +2,8 @@
 
 `evaluate(model, tokenizer, behaviors, attacks, judge, out_dir)` writes, in `out_dir`:
 - `samples.jsonl`: one line per generation, appended (flush + fsync) as soon as it is judged:
-  model, attack, behavior_id, sample_index, prompt, output, label, reason, score, judge, ...
+  model, attack, behavior_id, sample_index, prompt, output, label, reason, score, judge, ... (and an
+  image behaviour's images);
 - `results.json` (atomic): per model and attack the ASR with its Wilson 95% interval, n, errors,
   the judge, the attack budget, samples per behaviour and max_new_tokens.
 
@@ -32,7 +33,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..attacks.base import AttackOutput, Behavior, budget_of
+from ..attacks.base import AttackOutput, Behavior, budget_of, check_attacks_take_images
 from ..atomic import atomic_write_text
 from ..data.schema import DataError
 from ..judges.base import ERROR, LABELS, MEASURES, Verdict
@@ -209,6 +210,13 @@ def _models(model, tokenizer, baseline, model_name: str) -> list[tuple[str, Any,
     return models
 
 
+def _image_name(ref) -> str:
+    """An image reference as samples.jsonl records it: a path as it is, raw bytes or a PIL image by size."""
+    if isinstance(ref, (str, os.PathLike)):
+        return str(ref)
+    return f"<{len(ref)} bytes>" if isinstance(ref, (bytes, bytearray, memoryview)) else f"<{type(ref).__name__}>"
+
+
 def _sample_records(output: AttackOutput, behavior: Behavior, verdicts, *, model_name: str, judge_name: str,
                     budget: dict, elapsed: float) -> list[dict]:
     records = []
@@ -222,6 +230,8 @@ def _sample_records(output: AttackOutput, behavior: Behavior, verdicts, *, model
         if i == 0:
             record["budget"] = budget
             record["seconds"] = round(elapsed, 3)
+            if behavior.images:  # what the model saw beside the prompt text (an attack may add its own images)
+                record["images"] = [_image_name(ref) for ref in behavior.images]
             if output.extra:
                 record["extra"] = output.extra
         records.append(record)
@@ -253,6 +263,7 @@ def evaluate(model, tokenizer, behaviors: Sequence[Behavior], attacks: list, jud
     names = [a.name for a in attacks]
     if len(set(names)) != len(names):
         raise ValueError(f"attack names must be unique, got {names}")
+    check_attacks_take_images(attacks, behaviors)  # before any model work, not at the text-only attack's turn
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples_path = out / SAMPLES_FILE

@@ -1,7 +1,8 @@
 """One evaluation run, as `circuit-breakers eval` and the demo both do it.
 
 `run_evaluation(model, tokenizer, config, out_dir, baseline=...)`: the attacks at their per-attack budgets
-(evaluation/harness.py), judged; over-refusal and benign agreement (capability.py); the representation
+(evaluation/harness.py), judged; over-refusal and benign agreement (capability.py), and for tool-use or
+image behaviours (or a vision-language model) benign tool calling or image questions too; the representation
 cosines (diagnostics.py); the judges' agreement with hand labels when given (agreement.py); and
 OUT/results.json, OUT/samples.jsonl, OUT/report.md and OUT/report.html.
 
@@ -52,7 +53,7 @@ class EvalConfig:
     judge: str = "heuristic"  # refusal, heuristic, fitted, harmbench or llm
     judge_model: str | None = None  # harmbench: classifier path or URL[#MODEL]; llm: URL[#MODEL]; fitted: params file
     judge_full_turn: bool = False  # judge the whole assistant turn, prefill included (default: the continuation)
-    capability: bool = True  # over-refusal, benign agreement, perplexity (and lm-eval tasks)
+    capability: bool = True  # over-refusal, benign agreement, perplexity (lm-eval tasks; tool calls, image questions)
     capability_prompts: int | None = None  # benign and borderline test prompts each (None: all)
     lm_eval_tasks: list[str] | None = None  # lm-evaluation-harness tasks (needs lm_eval and a model directory)
     diagnostics: bool = True  # representation cosines against the baseline
@@ -223,6 +224,7 @@ def run_evaluation(model, tokenizer, config: EvalConfig, out_dir: str | Path, *,
     processes (sharding.py); rank 0 does the rest alone and the others return None.
     """
     from ..judges import make_judge
+    from ..models import is_multimodal
     from ..reports import write_report
     from .behaviors import load_behaviors
     from .harness import write_results
@@ -271,6 +273,9 @@ def run_evaluation(model, tokenizer, config: EvalConfig, out_dir: str | Path, *,
             judge=judge if config.judge in BENIGN_LABELLING_JUDGES else None)
         if any(b.tools for b in behaviors):  # tool-use behaviours: is calling tools for benign requests kept?
             results["tool_capability"] = reuse.get("tool_capability") or _tool_capability(
+                model, tokenizer, baseline[0] if comparable else None, config)
+        if any(b.images for b in behaviors) or is_multimodal(model):  # are image questions still answered?
+            results["image_capability"] = reuse.get("image_capability") or _image_capability(
                 model, tokenizer, baseline[0] if comparable else None, config)
     lap("capability")
 
@@ -326,6 +331,16 @@ def _tool_capability(model, tokenizer, baseline_model, config: EvalConfig) -> di
     cases = builtin_tool_set("benign", "test")[:config.capability_prompts]
     report = tool_capability_report(model, tokenizer, cases, baseline_model, max_new_tokens=config.max_new_tokens or 128)
     return {**report, "source": "builtin_tool_set('benign', 'test')"}
+
+
+def _image_capability(model, processor, baseline_model, config: EvalConfig) -> dict:
+    """Accuracy on the built-in benign image test questions and agreement with the original's answers, before and
+    after (the paper's MMMU / LLaVA-Wild check, at this project's size)."""
+    from .image_capability import image_capability_report
+
+    report = image_capability_report(model, processor, baseline_model, limit=config.capability_prompts,
+                                     max_new_tokens=config.max_new_tokens or 32)
+    return {**report, "source": "builtin_multimodal_set('benign', 'test')"}
 
 
 def _attack(model, tokenizer, baseline, behaviors: list, judge, out: Path, config: EvalConfig, *, resume: bool,

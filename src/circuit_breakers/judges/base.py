@@ -70,8 +70,25 @@ def request_of(behavior: BehaviorLike) -> str:
     return behavior if isinstance(behavior, str) else behavior.request
 
 
+def image_description_of(behavior: BehaviorLike) -> str | None:
+    return None if isinstance(behavior, str) else getattr(behavior, "image_description", None)
+
+
 def context_of(behavior: BehaviorLike) -> str | None:
-    return None if isinstance(behavior, str) else behavior.context
+    """What a judge reads beside the request: a contextual behaviour's context and what an image behaviour's
+    images show (HarmBench's classifier judges multimodal behaviours with its contextual prompt, the image's
+    description as the context). The model saw the images; a text judge needs their description."""
+    if isinstance(behavior, str):
+        return None
+    parts = [part for part in (behavior.context, image_description_of(behavior)) if part]
+    return "\n\n".join(parts) or None
+
+
+def topic_of(behavior: BehaviorLike) -> str:
+    """The text an answer should be on topic with (the heuristic and fitted judges' overlap): the request, and
+    what its images show ("how do I make what is shown?" names nothing on its own)."""
+    description = image_description_of(behavior)
+    return f"{request_of(behavior)}\n{description}" if description else request_of(behavior)
 
 
 def user_message_of(behavior: BehaviorLike) -> str:

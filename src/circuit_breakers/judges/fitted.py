@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import BaseJudge, BehaviorLike, JudgeError, Verdict, request_of
+from .base import BaseJudge, BehaviorLike, JudgeError, Verdict, topic_of
 from .heuristic import character_loop_share, content_stems, letter_share, on_topic_overlap, reference_perplexities
 from .refusal import is_refusal
 
@@ -189,7 +189,7 @@ class FittedJudge(BaseJudge):
                 raise JudgeError("the fitted judge needs the original model for perplexity (make_judge('fitted', "
                                  "reference=(model, tokenizer)), or --model / --baseline on the command line)")
             perplexities = reference_perplexities(self.model, self.tokenizer, behaviors, generations)
-        rows = [features(request_of(b), g, harmful_prompt=harmful_prompt, perplexity=p)
+        rows = [features(topic_of(b), g, harmful_prompt=harmful_prompt, perplexity=p)
                 for b, g, p in zip(behaviors, generations, perplexities)]
         return [verdict_of(cls, prob, p) for (cls, prob), p in zip(predict(self.params, rows), perplexities)]
 

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import LABELS, BaseJudge, BehaviorLike, Verdict, request_of, user_message_of
+from .base import LABELS, BaseJudge, BehaviorLike, Verdict, topic_of, user_message_of
 from .refusal import is_refusal
 
 __all__ = ["LABELS", "Verdict", "HeuristicJudge", "on_topic_overlap", "content_stems", "output_perplexities",
@@ -155,7 +155,7 @@ class HeuristicJudge(BaseJudge):
         if perplexities is None and self.model is not None and generations:
             perplexities = reference_perplexities(self.model, self.tokenizer, behaviors, generations)
         perplexities = list(perplexities) if perplexities is not None else [None] * len(generations)
-        return [self.judge(g, harmful_prompt=harmful_prompt, perplexity=p, request=request_of(b))
+        return [self.judge(g, harmful_prompt=harmful_prompt, perplexity=p, request=topic_of(b))
                 for b, g, p in zip(behaviors, generations, perplexities)]
 
     def describe(self) -> dict:

@@ -165,6 +165,17 @@ def build_blocks(results: dict) -> list[Block]:
                                      "whose answer is text left out)."))
             blocks.append(Block("table", header=["model", "correct", "exact call [Wilson 95% CI]", "right tool(s)",
                                                  "any call"], rows=rows))
+        images = results.get("image_capability")
+        if images:
+            agree = images.get("agreement", {})
+            rows = [[plots.MODEL_LABELS.get(model, model), f"{images[model]['accuracy']['correct']} / {images['n']}",
+                     rate_text(images[model]["accuracy"])] for model in ("baseline", "model") if model in images]
+            blocks.append(Block("p", f"Image questions: share of answers that contain an accepted answer, on {images['n']} "
+                                     "benign image test questions (colour, count, shape, reading text, ...). "
+                                     + (f"Agreement with the baseline's answers: {agree['skipped']}." if "skipped" in agree
+                                        else f"Agreement with the baseline's answers: {_pct(agree.get('exact_match'))} "
+                                             f"exact, mean token F1 {_num(agree.get('token_f1'))}.")))
+            blocks.append(Block("table", header=["model", "correct", "accuracy [Wilson 95% CI]"], rows=rows))
 
     diagnostics = results.get("diagnostics")
     blocks.append(Block("h2", "Representations"))

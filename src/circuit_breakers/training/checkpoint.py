@@ -125,6 +125,9 @@ def data_fingerprint(*sets) -> str:
         digest.update(f"{len(items)}|".encode())
         for item in items:
             digest.update(array("q", (item.response_start, len(item.input_ids), *item.input_ids)).tobytes())
+            for image in getattr(item, "images", ()):  # the same ids over other pictures are other data
+                digest.update(image.encode() if isinstance(image, str) else hashlib.sha256(bytes(image)).digest()
+                              if isinstance(image, (bytes, bytearray)) else b"<image>")
     return digest.hexdigest()[:16]
 
 

@@ -6,6 +6,7 @@ model with the adapter disabled, never a second copy.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..atomic import atomic_directory
 from ..config import ConfigError, RRConfig
-from ..models import Architecture, DroppedBlocks, base_model_name
+from ..models import Architecture, DroppedBlocks, base_model_name, is_multimodal
 
 PAPER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -34,19 +35,24 @@ def resolve_lora_targets(arch: Architecture, names: list[str]) -> list[str]:
     return names
 
 
-def add_lora(model: nn.Module, arch: Architecture, config: RRConfig):
-    """The PEFT model with LoRA on blocks 0..kept_blocks-1 (every base weight frozen)."""
+def add_lora(model: nn.Module, arch: Architecture, config: RRConfig, blocks: int | None = None):
+    """The PEFT model with LoRA on blocks 0..blocks-1 (default: config.kept_blocks; every base weight frozen)."""
     from peft import LoraConfig, get_peft_model
 
     for p in model.parameters():
         p.requires_grad_(False)
-    lora = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
-        target_modules=resolve_lora_targets(arch, config.lora_target_modules),
-        layers_to_transform=list(range(config.kept_blocks)),
-        layers_pattern=arch.blocks_path.rsplit(".", 1)[-1],
-        task_type="CAUSAL_LM",
-    )
+    names = resolve_lora_targets(arch, config.lora_target_modules)
+    indices = list(range(config.kept_blocks if blocks is None else blocks))
+    if is_multimodal(model):
+        # A vision tower has "layers" of linears with the same names (q_proj, ...): name the language model's
+        # blocks by their full path instead (PEFT takes a regex over module names, without layers_to_transform).
+        where = dict(target_modules=rf"{re.escape(arch.blocks_path)}\.({'|'.join(map(str, indices))})\."
+                                    rf"(.*\.)?({'|'.join(map(re.escape, names))})")
+    else:
+        where = dict(target_modules=names, layers_to_transform=indices,
+                     layers_pattern=arch.blocks_path.rsplit(".", 1)[-1])
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
+                      task_type="CAUSAL_LM", **where)
     return get_peft_model(model, lora)
 
 
@@ -105,13 +111,14 @@ def save_adapter_and_merged(peft_model, dropped: DroppedBlocks | None, blocks_pa
     merged.eval()
     with atomic_directory(out / "model") as tmp:
         merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(config))
+        tokenizer.save_pretrained(tmp)  # a VLM's ProcessorTokenizer writes the whole processor
+        auto_class = "AutoModelForImageTextToText" if is_multimodal(merged) else "AutoModelForCausalLM"
+        (tmp / "README.md").write_text(model_card(config, auto_class))
     return merged
 
 
-def model_card(config: RRConfig) -> str:
-    settings = {k: getattr(config, k) for k in ("target_layers", "alpha", "steps", "batch_size", "lr", "lora_r",
+def model_card(config: RRConfig, auto_class: str = "AutoModelForCausalLM") -> str:
+    settings = {k: getattr(config, k) for k in ("method", "target_layers", "alpha", "steps", "batch_size", "lr", "lora_r",
                                                  "lora_alpha", "retain_normalization", "retain_distance",
                                                  "retain_weight", "reroute_tokens", "drop_instruction_prob")}
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in settings.items())
@@ -128,7 +135,7 @@ tags:
 
 This checkpoint is `{base_model_name(config.model)}` fine-tuned with Representation Rerouting
 (Zou et al., "Improving Alignment and Robustness with Circuit Breakers", NeurIPS 2024) by the
-`circuit-breakers` toolkit. LoRA weights are merged; it loads with `AutoModelForCausalLM.from_pretrained`.
+`circuit-breakers` toolkit. LoRA weights are merged; it loads with `{auto_class}.from_pretrained`.
 
 | setting | value |
 |---|---|

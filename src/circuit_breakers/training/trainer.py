@@ -6,6 +6,9 @@ LoRA adapter disabled (the "original" model: the same weights, never a second co
 gradients, both through the decoder only (no LM head) and keeping only the hidden states the losses
 need. Then `c_s(t) * L_s + c_r(t) * L_r` is minimised with AdamW; t counts optimizer steps.
 
+`config.method` chooses what the two losses are (methods.py): rr (the above), repbend or rr_lat; the
+loop and the passes are the same for all three.
+
 The parts, each in its own module: LoRA set-up and saving (lora.py), batches and model inputs
 (batches.py), the frozen-state cache (frozen_cache.py), activation checkpointing (memory.py),
 checkpoints (checkpoint.py), and how the run is spread over processes (parallel.py, zero.py): the
@@ -31,13 +34,15 @@ from ..config import ConfigError, RRConfig
 from ..data import ChatFormatter, TokenizedExample, tokenize_examples
 from ..data.builtin import load_training_sets
 from ..hidden import decoder_hidden_states
-from ..models import Architecture, drop_blocks_after, find_architecture, load_model, resolve_dtype, unwrap
+from ..models import Architecture, drop_blocks_after, find_architecture, is_multimodal, load_model, resolve_dtype, unwrap
+from ..multimodal.processing import MultimodalCollator, MultimodalFormatter, ProcessorTokenizer, is_processor
 from .batches import Batch, Collator, TextCollator, batch_indices, make_batch, stack_batches
 from .checkpoint import (Checkpointer, NonFiniteLossError, TrainingInterrupted, data_fingerprint, non_finite_message,
                          read_log, state_bytes)
 from .frozen_cache import FrozenStateCache, cache_bytes, plan_caches
 from .lora import add_lora, save_adapter_and_merged, seed_lora_b, switch_off_base_dropout, trainable_parameters
 from .memory import setup_activation_checkpointing
+from .methods import make_method
 from .parallel import Distributed, from_environment, make_parallel
 
 
@@ -45,7 +50,9 @@ class DecoderPasses(nn.Module):
     """The trainer's two passes as one module (what DeepSpeed's engine wraps): the decoder with the
     LoRA adapter, or (`frozen=True`, no gradients) with it disabled: the original model. `inputs` are
     the collator's model inputs. Returns the hidden states of `entries` as a tuple, in that order
-    (ZeRO-3's hooks read outputs' keys as names)."""
+    (ZeRO-3's hooks read outputs' keys as names). For a vision-language model `arch.decoder` is the
+    multimodal base model: it runs the frozen vision tower and projector on the collator's pixel inputs
+    and merges their features into the embeddings before the language model's blocks (models.py)."""
 
     def __init__(self, model: nn.Module, arch: Architecture) -> None:
         super().__init__()
@@ -86,12 +93,21 @@ class RRTrainer:
         # The model, and the data tokenised with its chat template.
         if model is None:
             model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+        # A vision-language model: its processor stands in for the tokenizer, and is saved beside the model.
+        self.multimodal = is_processor(tokenizer)
+        if self.multimodal:
+            tokenizer = ProcessorTokenizer.wrap(tokenizer)
+        if is_multimodal(model) and self.parallel.name not in ("single", "ddp"):
+            raise ConfigError(f"{self.parallel.name}: vision-language models train in one process or data parallel "
+                              "(multi-gpu) only; FSDP and DeepSpeed are not supported for them")
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         arch = find_architecture(model, config.blocks_path)
-        if config.kept_blocks - 1 > arch.num_blocks:
-            raise ConfigError(f"target_layers: {max(config.target_layers)} is past the last hidden-state entry "
-                              f"({arch.num_blocks}) of this {arch.num_blocks}-block model")
+        self.method = make_method(config)  # what the two losses are (methods.py)
+        if config.method != "rr" and self.parallel.name != "single":
+            raise ConfigError(f"method: {config.method} trains in one process only; the parallel modes "
+                              f"({self.parallel.name} here) are built and tested for rr")
+        harmful_layers = self.method.harmful_layers(arch.num_blocks)
         if config.chat_template:
             tokenizer.chat_template = config.chat_template
         if circuit_breaker_items is None or retain_items is None:
@@ -99,21 +115,24 @@ class RRTrainer:
         if not circuit_breaker_items or not retain_items:
             raise ConfigError("both the circuit-breaker and the retain set need at least one item")
         self.cb_items, self.retain_items = circuit_breaker_items, retain_items
-        self.collator = collator or TextCollator(tokenizer.pad_token_id)
+        if collator is None:  # images need the processor's pixels beside the token ids
+            collator = MultimodalCollator(tokenizer) if self.multimodal else TextCollator(tokenizer.pad_token_id)
+        self.collator = collator
         if config.batch_size % (self.dist.world * config.grad_accum):
             raise ConfigError(f"batch_size ({config.batch_size}) is the global batch per optimizer step and must "
                               f"be a multiple of processes x grad_accum ({self.dist.world} x {config.grad_accum} = "
                               f"{self.dist.world * config.grad_accum})")
 
-        # LoRA on the kept blocks; the blocks above the last target layer are dropped until the save.
-        keep = min(config.kept_blocks, arch.num_blocks)
+        # LoRA on the kept blocks; the blocks above the last target layer are dropped until the save
+        # (kept where the method reads the logits).
+        keep = min(max(harmful_layers) + 1, arch.num_blocks)
         self.dropped = None
-        if not config.full_layers and keep < arch.num_blocks:
+        if not (config.full_layers or self.method.keeps_every_block) and keep < arch.num_blocks:
             self.dropped = drop_blocks_after(model, keep, arch.blocks_path)
-        self.model = add_lora(model, find_architecture(model, arch.blocks_path), config)
+        self.model = add_lora(model, find_architecture(model, arch.blocks_path), config, blocks=keep)
         self.arch = find_architecture(self.model, arch.blocks_path)
         self.retain_entries = list(range(self.arch.num_blocks + 1))  # all of output_hidden_states
-        self.target_layers = list(config.target_layers)
+        self.target_layers = harmful_layers  # the entries the circuit-breaker loss reads (and the cache keeps)
         self.model.train()
         switch_off_base_dropout(self.model)
         self.checkpoint_planner = setup_activation_checkpointing(
@@ -140,9 +159,9 @@ class RRTrainer:
         cb, retain = load_training_sets(config.circuit_breaker_data, config.retain_data, seed=config.seed,
                                         response_field=config.response_field, refusals=config.refusal_retain)
         # Augmentation applies to both sets, as in the reference; tokenised once here, never again.
-        formatter = ChatFormatter(self.tokenizer, config.max_length, seed=config.seed,
-                                  drop_instruction_prob=config.drop_instruction_prob, truncation=config.truncation,
-                                  tool_format=config.tool_format)
+        formatter = (MultimodalFormatter if self.multimodal else ChatFormatter)(
+            self.tokenizer, config.max_length, seed=config.seed, drop_instruction_prob=config.drop_instruction_prob,
+            truncation=config.truncation, tool_format=config.tool_format)
         return tokenize_examples(cb, formatter), tokenize_examples(retain, formatter)
 
     def _seeded_start(self) -> dict[int, torch.Tensor] | None:
@@ -211,30 +230,21 @@ class RRTrainer:
         return cb, retain
 
     def rerouting_terms(self, batch: Batch, orig=None) -> tuple[torch.Tensor, dict[int, float]]:
-        mask = batch.response_mask if self.config.reroute_tokens == "response" else batch.attention_mask
-        orig = orig if orig is not None else self._frozen(batch, self.target_layers, self.cb_cache)
-        lora = self._trained(batch, self.target_layers)
-        loss = self._losses[0](lora, orig, mask, self.target_layers, self.target_offsets)
-        return loss, losses.layer_cosines(lora, orig, mask, self.target_layers)
+        """The method's circuit-breaker loss (rr: L_s) and the mean cosine to the original per target layer."""
+        return self.method.harmful_terms(self, batch, orig)
 
     def retain_terms(self, batch: Batch, orig=None) -> tuple[torch.Tensor, float]:
-        mask = batch.attention_mask
-        orig = orig if orig is not None else self._frozen(batch, self.retain_entries, self.retain_cache)
-        lora = self._trained(batch, self.retain_entries)
-        loss = self._losses[1](lora, orig, mask, self.retain_entries,
-                               normalization=self.config.retain_normalization,
-                               reference_length=self.config.reference_length,
-                               relative=self.config.retain_distance == "relative_l2")
-        return loss, losses.mean_cosine(lora, orig, mask, self.target_layers)
+        """The method's retain loss (rr: L_r) and the mean cosine to the original at the target layers."""
+        return self.method.retain_terms(self, batch, orig)
 
     def step(self, step: int, cb_indices: list[int], retain_indices: list[int]) -> dict:
         """One optimizer step (1-based `step`) on this process's items; returns its train-log record."""
         config = self.config
         started = time.perf_counter()
-        c_s, c_r = losses.rr_coefficients(step, config.alpha, config.denominator)
-        c_r *= config.retain_weight
+        c_s, c_r = self.method.coefficients(step)
         micro = config.grad_accum
         totals = {"rerouting_loss": 0.0, "retain_loss": 0.0, "cb_cos": 0.0, "retain_cos": 0.0}
+        method_metrics: dict[str, float] = {}  # the method's own terms (repbend, rr_lat), averaged like the losses
         cb_cos_layers = dict.fromkeys(map(str, self.target_layers), 0.0)  # str keys: a JSON log
         tokens = 0
         for k in range(micro):
@@ -261,6 +271,8 @@ class RRTrainer:
                 for layer, cos in per_layer.items():
                     cb_cos_layers[str(layer)] += cos / micro
                 tokens += cb_batch.tokens
+            for key, value in self.method.take_metrics().items():
+                method_metrics[key] = method_metrics.get(key, 0.0) + value / micro
         grad_norm = self.parallel.step()
         elapsed = time.perf_counter() - started
         if c_s <= 0:
@@ -268,7 +280,8 @@ class RRTrainer:
         planner = self.checkpoint_planner
         return {"step": step, "c_s": c_s, "c_r": c_r, **totals, "cb_cos_layers": cb_cos_layers, "grad_norm": grad_norm,
                 "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
-                **({} if planner is None else {"blocks_without_checkpointing": planner.last_uncheckpointed})}
+                **({} if planner is None else {"blocks_without_checkpointing": planner.last_uncheckpointed}),
+                **method_metrics}
 
     # ------------------------------------------------------------ the loop
 
