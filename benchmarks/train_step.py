@@ -22,7 +22,9 @@ reference, trainer, ...) so that machine noise hits both alike.
   in the batch, decoder only, hooks keep only the needed hidden states, gradient checkpointing "auto":
   by memory on cuda, off on cpu; the frozen-state cache off, since no item repeats here as in a first
   epoch). `--variants` adds trainers that switch one thing (TRAINER_VARIANTS), each on its own copy
-  of the weights; `--match-reference-memory` gives their checkpoint planners the activation budget
+  of the weights: among them "packed" and "packed-flex" (packing: true, rows of the reference's padded
+  retain length; sdpa or flex_attention), and with `--compile` "compiled-blocks" (each decoder block's
+  forward through torch.compile, timed as a variant of its own; its first steps compile); `--match-reference-memory` gives their checkpoint planners the activation budget
   that the reference's first step leaves, so they are compared at no more memory than it.
 
 Items are token-id sequences with a stated length distribution (see SHAPES/`synthesise_items` and
@@ -55,6 +57,7 @@ from circuit_breakers.data.formatting import TokenizedExample, collate
 from circuit_breakers.models import find_architecture
 from circuit_breakers.training import RRTrainer, batch_indices
 from circuit_breakers.training.lora import add_lora, switch_off_base_dropout
+from circuit_breakers.training.packing import PackingCollator
 
 PAD_ID, BOS_ID = 0, 1
 GIB = 1024 ** 3
@@ -91,7 +94,17 @@ TRAINER_VARIANTS = {
     "no-ckpt": {"gradient_checkpointing": "false"},
     "joint-frozen": {"joint_frozen_pass": True},
     "compiled-loss": {"compile_loss": True},
+    # Packed rows (training/packing.py) of the reference's padded retain length (1024 x --length-scale), the
+    # decoder's attention as loaded (sdpa: a dense per-item mask), or flex_attention (a block mask that skips
+    # the other items' blocks).
+    "packed": {"packing": True},
+    # packed-flex fails on CPU with torch 2.13 (inductor C++ error at the second batch shape): GPU only.
+    "packed-flex": {"packing": True, "attn_implementation": "flex_attention"},
+    # The trainer with each decoder block's forward through torch.compile (--compile adds it).
+    "compiled-blocks": {"compile_blocks": True},
 }
+# Keys of TRAINER_VARIANTS that are not RRConfig keys: what the benchmark does to the variant's model.
+MODEL_OPTIONS = ("attn_implementation", "compile_blocks")
 
 FLOP_FORMULA = ("useful FLOP per step = 8 * P * N: 2*P*N for the frozen forward + 6*P*N for the forward and "
                 "backward (activation and weight grads) of the grad pass, P = base parameters of the kept blocks "
@@ -381,6 +394,13 @@ class Variant:
     trainer: object = None
 
 
+def compile_blocks(arch) -> None:
+    """Each decoder block's forward through torch.compile (dynamic shapes). The forward, not the module's
+    __call__: the trainer's hidden-state hooks and per-block gradient checkpointing stay outside the graph."""
+    for block in arch.blocks:
+        block.forward = torch.compile(block.forward, dynamic=True)
+
+
 def match_reference_memory(variants: list[Variant], reference_peak: int, device: torch.device) -> None:
     """Give each trainer's checkpoint planner the activation budget that keeps its step's peak under
     the reference's (its own weights and optimizer state out of it, then a 10% margin for the
@@ -428,6 +448,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--match-reference-memory", action="store_true",
                         help="cuda: give auto checkpointing the activation budget the reference's first step "
                              "peak leaves (less 10%%), so that the variants run at no more memory than it")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the compiled-blocks variant: the trainer with each decoder block's forward "
+                             "through torch.compile (dynamic shapes), measured on its own")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser
 
@@ -447,6 +470,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.length_scale <= 0:
         raise SystemExit("need --steps >= 1, --warmup >= 0, --batch-size >= 1 and --length-scale > 0")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.compile and "compiled-blocks" not in args.variants:
+        args.variants.append("compiled-blocks")
     unknown = [v for v in args.variants if v not in TRAINER_VARIANTS]
     if unknown or not args.variants:
         raise SystemExit(f"--variants: unknown {', '.join(unknown) or '(none given)'}; "
@@ -491,11 +516,24 @@ def benchmark(args: argparse.Namespace) -> dict:
     # The trainer's own checkpointing default ("auto": by memory on cuda, off on cpu) unless a variant says.
     trainer_defaults = {**config.to_dict(), "gradient_checkpointing": "auto"}
     variants = [Variant("reference", reference.step, reference.model, reference.optimizer, reference.validation)]
+    failed: dict[str, str] = {}  # variant -> why it stopped
     for name, twin in zip(args.variants, twins):
-        trainer_config = RRConfig.from_dict({**trainer_defaults, **TRAINER_VARIANTS[name]})
-        trainer = RRTrainer(trainer_config, model=twin, tokenizer=tokenizer, circuit_breaker_items=cb_items,
-                            retain_items=retain_items, progress=False)
+        overrides = {k: v for k, v in TRAINER_VARIANTS[name].items() if k not in MODEL_OPTIONS}
+        options = {k: v for k, v in TRAINER_VARIANTS[name].items() if k in MODEL_OPTIONS}
+        if overrides.get("packing"):  # rows as long as the reference's padded retain items
+            overrides.update(max_length=retain_length, pack_length=retain_length)
+        try:  # a variant that cannot run here (e.g. flex_attention on this torch's CPU) is reported, not fatal
+            if "attn_implementation" in options:
+                twin.set_attn_implementation(options["attn_implementation"])
+            trainer_config = RRConfig.from_dict({**trainer_defaults, **overrides})
+            trainer = RRTrainer(trainer_config, model=twin, tokenizer=tokenizer, circuit_breaker_items=cb_items,
+                                retain_items=retain_items, progress=False)
+        except Exception as err:
+            failed[name] = _failure(err, "set-up")
+            continue
         lora_count = sync_and_perturb_lora(reference.model, trainer.model, args.lora_b_std, args.seed + 1)
+        if options.get("compile_blocks"):
+            compile_blocks(trainer.arch)
         variants.append(Variant(name, trainer.step, trainer.model, trainer.optimizer, trainer=trainer))
     del twins
     # Lazy imports and first-call set-up inside transformers and peft take seconds on the first forward:
@@ -508,13 +546,18 @@ def benchmark(args: argparse.Namespace) -> dict:
 
     probe = MemoryProbe(device)
     samples = {v.name: {"time": [], "memory": [], "records": []} for v in variants}
-    real_tokens, trainer_positions = [], []
+    real_tokens, trainer_positions, packed_positions = [], [], []
+    packer = PackingCollator(PAD_ID, retain_length)
     for k, (cb_idx, retain_idx) in enumerate(schedule):
         step = k + 1
         real_tokens.append(sum(cb_items[i].length for i in cb_idx) + sum(retain_items[i].length for i in retain_idx))
         trainer_positions.append(len(cb_idx) * max(cb_items[i].length for i in cb_idx)
                                  + len(retain_idx) * max(retain_items[i].length for i in retain_idx))
+        packed_positions.append(sum(packer([items[i] for i in idx])["input_ids"].numel()
+                                    for items, idx in ((cb_items, cb_idx), (retain_items, retain_idx))))
         for v in variants:
+            if v.name in failed:
+                continue
             resident = resident_bytes(v.model, v.optimizer, device)
             # Untimed: collect the previous variant's garbage and start from an empty allocator cache.
             # On the H200 the variant timed right after the reference ran up to 2.8x slower whichever it
@@ -525,7 +568,13 @@ def benchmark(args: argparse.Namespace) -> dict:
             probe.start()
             _sync(device)
             t0 = time.perf_counter()
-            record = v.run(step, cb_idx, retain_idx)
+            try:
+                record = v.run(step, cb_idx, retain_idx)
+            except Exception as err:
+                if v.name == "reference":
+                    raise
+                failed[v.name] = _failure(err, f"step {step}")
+                continue
             _sync(device)
             elapsed = time.perf_counter() - t0
             added = probe.added()
@@ -547,6 +596,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     flops_per_token = 8 * block_params
     rows = []
     for v in variants:
+        if v.name in failed:
+            continue
         times = samples[v.name]["time"]
         q1, q3 = _quantiles(times)
         tokens_per_s = statistics.median(n / t for n, t in zip(timed_tokens, times))  # robust to one slow step
@@ -567,6 +618,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         row["ratio_peak_memory"] = (row["peak_memory_gib"] / ref_row["peak_memory_gib"]
                                     if ref_row["peak_memory_gib"] and row["peak_memory_gib"] else None)
         row["loss_check"] = loss_check(ref_row, row, tolerance, checked=args.lora_dropout == 0.0)
+    if len(rows) < 2:
+        raise SystemExit(f"no trainer variant ran: {failed}")
     fast_row = rows[1]
     ratios = {"real_tokens_per_s": fast_row["ratio_real_tokens_per_s"], "peak_memory": fast_row["ratio_peak_memory"]}
     check = {**fast_row["loss_check"], "agree": (all(r["loss_check"]["agree"] for r in rows[1:])
@@ -583,6 +636,7 @@ def benchmark(args: argparse.Namespace) -> dict:
                      "mean_real_tokens_per_step": statistics.mean(timed_tokens), "real_tokens_per_step": real_tokens,
                      "reference_padded_tokens_per_step": args.batch_size * 2 * retain_length,
                      "trainer_padded_tokens_per_step": statistics.mean(trainer_positions[args.warmup:]),
+                     "packed_positions_per_step": statistics.mean(packed_positions[args.warmup:]),
                      "validation": "the reference's 2 no-grad validation forwards every 10th step, amortised (1/10 "
                                    "of their time added to each step)",
                      "setup_s": setup_s},
@@ -593,7 +647,14 @@ def benchmark(args: argparse.Namespace) -> dict:
         "rows": [{k: v for k, v in row.items()} for row in rows],
         "ratios_trainer_over_reference": ratios,  # of the first trainer variant
         "loss_check": check,
+        "failed_variants": failed,
     }
+
+
+def _failure(err: Exception, where: str) -> str:
+    import traceback
+    traceback.print_exc()
+    return f"{where}: {type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
 
 
 def loss_check(ref_row: dict, row: dict, tolerance: float, *, checked: bool) -> dict:
@@ -629,9 +690,10 @@ def format_table(result: dict) -> str:
              f"warmup, reference gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}",
              f"real tokens per step {s['mean_real_tokens_per_step']:.0f}; positions computed per step: reference "
              f"{s['reference_padded_tokens_per_step']} (fixed padding), trainer {s['trainer_padded_tokens_per_step']:.0f} "
-             "(each batch padded to its longest item)",
+             f"(each batch padded to its longest item), packed variants {s['packed_positions_per_step']:.0f} (rows of "
+             f"{s['reference_padding']['retain']})",
              "",
-             f"{'variant':<14} {'step s median':>13} {'[min, max]':>18} {'real tok/s':>11} {'x ref':>6} "
+             f"{'variant':<16} {'step s median':>13} {'[min, max]':>18} {'real tok/s':>11} {'x ref':>6} "
              f"{'peak GiB':>9} {'x ref':>6} {'TFLOP/s':>8} {'L_s step1':>11} {'L_r step1':>11} {'loss check':>10} "
              f"{'no-ckpt blocks':>14}"]
     for r in result["rows"]:
@@ -643,7 +705,7 @@ def format_table(result: dict) -> str:
         verdict = "-" if check is None else ("n/a" if not check["checked"] else ("OK" if check["agree"] else "DISAGREE"))
         blocks = sorted({x["blocks_without_checkpointing"] for x in r["losses_per_step"]
                          if x.get("blocks_without_checkpointing") is not None})
-        lines.append(f"{r['variant']:<14} {r['step_s_median']:>13.3f} "
+        lines.append(f"{r['variant']:<16} {r['step_s_median']:>13.3f} "
                      f"{'[%.3f, %.3f]' % (r['step_s_min'], r['step_s_max']):>18} {r['real_tokens_per_s']:>11.0f} "
                      f"{speed:>6} {mem:>9} {mem_ratio:>6} {r['useful_tflops']:>8.3f} "
                      f"{_fmt(r['rerouting_loss_step1']):>11} {_fmt(r['retain_loss_step1']):>11} {verdict:>10} "
@@ -662,6 +724,7 @@ def format_table(result: dict) -> str:
                      f"{check['retain_loss_max_relative_diff_all_steps']:.2e}")
     else:
         lines.append("loss agreement not checked (LoRA dropout > 0 draws different masks in each variant)")
+    lines += [f"variant {name} FAILED ({why})" for name, why in result.get("failed_variants", {}).items()]
     lines += [f"FLOPs: {result['flop_formula']}",
               f"memory: {result['memory_method']}. Whole process, every variant's model included: peak "
               f"{'allocated' if result['device'] == 'cuda' else 'RSS'} {result['process_peak_memory_gib']:.2f} GiB.",
@@ -680,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 1 if result["loss_check"]["agree"] is False else 0
+    return 1 if result["loss_check"]["agree"] is False or result["failed_variants"] else 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ SUBCOMMAND_MODULES = {
     "data": "circuit_breakers.data.cli",
     "demo": "circuit_breakers.demo",
     "eval": "circuit_breakers.evaluation.cli",
+    "compare": "circuit_breakers.evaluation.compare_cli",
     "probe": "circuit_breakers.probes.cli",
     "serve": "circuit_breakers.serving.cli",
 }

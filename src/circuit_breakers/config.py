@@ -165,6 +165,12 @@ class RRConfig:
         None, "GPU memory the grad pass's activations may use under auto checkpointing "
               "(default: 80% of the free memory after loading, less frozen_cache_gb)")
     joint_frozen_pass: bool = _field(False, "one adapter-disabled pass over both sets' batches instead of two")
+    packing: bool = _field(
+        False, "pack each batch's items end to end into rows of pack_length tokens (attention never crosses "
+               "items; position ids restart per item) instead of padding every item to the longest (method rr; "
+               "text models whose attention honours packed position_ids: eager, sdpa, flex_attention)")
+    pack_length: int | None = _field(None, "tokens per packed row (packing: true); default max_length, at least "
+                                           "max_length")
     compile_loss: bool = _field(False, "torch.compile the loss functions")
     seed: int = _field(42, "seed for data order, augmentation and LoRA init")
     log_every: int = _field(1, "train-log interval in steps")
@@ -196,6 +202,11 @@ class RRConfig:
                     raise ConfigError(f"{key}: expected {bounds.describe(kind)}, got {value}")
         if not self.target_layers:
             raise ConfigError("target_layers: expected at least one hidden-state entry, got []")
+        if self.pack_length is not None and self.pack_length < self.max_length:
+            raise ConfigError(f"pack_length ({self.pack_length}) must be at least max_length ({self.max_length}): "
+                              "every item must fit in one packed row")
+        if self.packing and self.method != "rr":
+            raise ConfigError(f"packing: supported for method rr only (method {self.method} reads per-row positions)")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         self._validate_method()
@@ -265,6 +276,7 @@ RANGES: dict[str, Bounds] = {
     "max_grad_norm": POSITIVE, "frozen_cache_gb": Bounds(0, why="0 = off"), "activation_memory_gb": POSITIVE,
     "seed": Bounds(0, 2**32 - 1), "log_every": POSITIVE, "save_every": Bounds(0, why="0 = off"),
     "keep_checkpoints": AT_LEAST_ONE,
+    "pack_length": Bounds(MIN_MAX_LENGTH, why="at least max_length: every item fits in one row"),
     "repbend_safe_weight": NON_NEGATIVE, "repbend_unsafe_weight": NON_NEGATIVE, "repbend_cosine_weight": NON_NEGATIVE,
     "repbend_kl_weight": NON_NEGATIVE, "repbend_kl_temperature": POSITIVE, "repbend_refusal_weight": NON_NEGATIVE,
     "repbend_refusal_tokens": AT_LEAST_ONE,

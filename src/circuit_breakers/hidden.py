@@ -63,10 +63,11 @@ def capture_hidden_states(arch: Architecture, entries: Iterable[int], *, stop_ea
             handle.remove()
 
 
-def decoder_hidden_states(arch: Architecture, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def decoder_hidden_states(arch: Architecture, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                           entries: Iterable[int], *, stop_early: bool = True, **inputs) -> dict[int, torch.Tensor]:
     """Run the decoder (no LM head) and return the requested hidden-state entries. `inputs`: further
-    keyword inputs of the decoder's forward (e.g. position_ids), passed on as they are."""
+    keyword inputs of the decoder's forward (e.g. position_ids), passed on as they are. `attention_mask`
+    None with per-item position_ids: packed rows (training/packing.py)."""
     with capture_hidden_states(arch, entries, stop_early=stop_early) as states:
         try:
             arch.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)

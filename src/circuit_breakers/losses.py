@@ -122,8 +122,9 @@ def seeded_directions(layers: Sequence[int], hidden_size: int, seed: int, scale:
 
 def retain_loss(lora: Mapping[int, torch.Tensor], orig: Mapping[int, torch.Tensor],
                 mask: torch.Tensor, entries: Sequence[int], *, normalization: str = "reference",
-                reference_length: int = 1024, relative: bool = False) -> torch.Tensor:
-    """L_r: L2 distance per token between trained and original states, summed over entries."""
+                reference_length: int = 1024, relative: bool = False, sequences: int | None = None) -> torch.Tensor:
+    """L_r: L2 distance per token between trained and original states, summed over entries. `sequences`:
+    B of the reference normalisation where the rows are not the items (packed rows); default mask's rows."""
     if normalization not in RETAIN_NORMALIZATIONS:
         raise ValueError(f"retain normalization must be one of {RETAIN_NORMALIZATIONS}, got {normalization!r}")
     mask = mask.float()
@@ -137,7 +138,7 @@ def retain_loss(lora: Mapping[int, torch.Tensor], orig: Mapping[int, torch.Tenso
             distance = distance / torch.linalg.vector_norm(orig[l], dim=-1, dtype=at_least_fp32).clamp_min(1e-6)
         total = total + (distance * mask).sum()
     if normalization == "reference":
-        denominator = len(entries) * mask.shape[0] * reference_length
+        denominator = len(entries) * (mask.shape[0] if sequences is None else sequences) * reference_length
     else:
         denominator = len(entries) * mask.sum().clamp_min(1.0)
     return total / denominator

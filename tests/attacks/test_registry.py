@@ -6,7 +6,8 @@ from circuit_breakers.attacks import ATTACKS, config_fields, make_attack
 from circuit_breakers.attacks.base import budget_of
 
 NAMES = ["direct", "prefilling", "templates", "forced_call", "embedding", "embedding_improved", "gcg", "refusal_ablation",
-         "refusal_addition", "base64", "rot13", "leetspeak", "translation", "pair", "image_pgd", "typographic"]
+         "refusal_addition", "base64", "rot13", "leetspeak", "translation", "pair", "image_pgd", "typographic",
+         "finetune", "finetune_benign"]
 
 
 def test_every_name_is_registered_with_a_config_dataclass():

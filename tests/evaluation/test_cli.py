@@ -86,7 +86,7 @@ def test_attack_overrides_reach_the_results_budgets(tmp_path, chat_tokenizer):
                                      "batch_size, system_prompt"),
     (["--attack", "direct.batch_size=big"], "direct.batch_size: expected int, got 'big'"),
     (["--attacks", "direct,nope"], "unknown attack 'nope'; valid attacks: direct"),
-    (["--eval-config", "nope"], "no shipped eval config of that name (agent, multimodal, paper, quick)"),
+    (["--eval-config", "nope"], "no shipped eval config of that name (agent, compare, multimodal, paper, quick)"),
 ])
 def test_bad_budgets_fail_before_any_model_loads(flags, message, capsys):
     assert main(["eval", "--model", "no/such/model", "--out", "o", *flags]) == 2

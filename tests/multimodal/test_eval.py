@@ -19,7 +19,7 @@ from circuit_breakers.judges.harmbench import classifier_messages
 from ..helpers import TINY_VLM_FAMILIES, make_tiny_vlm, write_test_image
 
 TEXT_ONLY_ATTACKS = {"gcg", "embedding", "embedding_improved", "refusal_ablation", "refusal_addition", "pair",
-                     "forced_call"}
+                     "forced_call", "finetune", "finetune_benign"}
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,7 @@ from .base import Attack, AttackOutput, Behavior, budget_of
 from .direct import DirectConfig, DirectRequest
 from .embedding import (EmbeddingAttack, EmbeddingAttackConfig, ImprovedEmbeddingAttack,
                         ImprovedEmbeddingAttackConfig)
+from .finetune import FineTune, FineTuneBenign, FineTuneBenignConfig, FineTuneConfig
 from .forced_call import ForcedCall, ForcedCallConfig
 from .gcg import GCG, GCGConfig, GCGResult
 from .image_pgd import ImagePGD, ImagePGDConfig
@@ -34,7 +35,7 @@ from .transforms import (Base64Attack, Base64Config, LeetspeakAttack, LeetspeakC
 ATTACKS: dict[str, type] = {cls.name: cls for cls in (
     DirectRequest, Prefilling, Templates, EmbeddingAttack, ImprovedEmbeddingAttack, GCG, RefusalAblation,
     RefusalAddition, Base64Attack, Rot13Attack, LeetspeakAttack, TranslationAttack, PAIR, ForcedCall, ImagePGD,
-    Typographic,
+    Typographic, FineTune, FineTuneBenign,
 )}
 
 
@@ -72,7 +73,8 @@ def make_attack(name: str, **overrides):
 
 __all__ = [
     "ATTACKS", "Attack", "AttackOutput", "Base64Attack", "Base64Config", "Behavior", "DirectConfig", "DirectRequest",
-    "EmbeddingAttack", "EmbeddingAttackConfig", "EndpointAttacker", "ForcedCall", "ForcedCallConfig",
+    "EmbeddingAttack", "EmbeddingAttackConfig", "EndpointAttacker", "FineTune", "FineTuneBenign",
+    "FineTuneBenignConfig", "FineTuneConfig", "ForcedCall", "ForcedCallConfig",
     "GCG", "GCGConfig", "GCGResult", "ImagePGD", "ImagePGDConfig",
     "ImprovedEmbeddingAttack", "ImprovedEmbeddingAttackConfig", "LeetspeakAttack", "LeetspeakConfig",
     "LocalAttacker", "PAIR", "PairConfig", "Prefilling", "PrefillingConfig", "RefusalAblation",

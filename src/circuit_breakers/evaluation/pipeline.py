@@ -124,7 +124,9 @@ class EvalConfig:
             options = dict(settings)
             if self.max_new_tokens is not None and "max_new_tokens" in config_fields(name):
                 options.setdefault("max_new_tokens", self.max_new_tokens)
-            attacks.append(make_attack(name, **options))
+            attack = make_attack(name, **options)
+            # an attack with one result per setting (finetune: per N) is scored as one attack per part
+            attacks.extend(attack.split() if hasattr(attack, "split") else [attack])
         return attacks
 
 
@@ -355,9 +357,12 @@ def _attack(model, tokenizer, baseline, behaviors: list, judge, out: Path, confi
 
     rank, world = shard
     attacks = config.make_attacks()
+    for attack in attacks:  # finetune: no behaviour of the run may be among the attacker's training pairs
+        if hasattr(attack, "exclude"):
+            attack.exclude(behaviors)
     few = behaviors[:config.optimised_behaviors]
-    optimised = [a for a in attacks if a.name in config.optimised_attacks]
-    groups = [(behaviors, [a for a in attacks if a.name not in config.optimised_attacks], True),
+    optimised = [a for a in attacks if getattr(a, "family", a.name) in config.optimised_attacks]
+    groups = [(behaviors, [a for a in attacks if a not in optimised], True),
               (few, optimised, config.optimised_on_original)]
     for i, (group_behaviors, group, on_baseline) in enumerate([g for g in groups if g[0] and g[1]]):
         options = dict(baseline=baseline if on_baseline else None, seed=config.seed, resume=resume or i > 0,

@@ -40,7 +40,10 @@ def batch_indices(lengths: Sequence[int], batch_size: int, seed: int, *, group_b
 
 
 class Collator(Protocol):
-    """Items -> {"response_mask": (B, T) bool, and the model's keyword inputs, "attention_mask" among them}."""
+    """Items -> {"response_mask": (B, T) bool, and the model's keyword inputs, "attention_mask" among them}.
+
+    A packing collator (packing.py) returns no attention_mask; instead `token_mask` (B, T: the real
+    tokens) and `item_spans` (items x 3: row, start, length), which are not model inputs either."""
 
     # Whether two batches' inputs may be stacked into one right-padded pass (text: yes).
     stackable: bool
@@ -67,10 +70,17 @@ class Batch:
     inputs: dict[str, torch.Tensor]
     response_mask: torch.Tensor
     indices: list[int]
+    token_mask: torch.Tensor | None = None  # packed rows: the real tokens (the decoder gets no attention_mask)
+    spans: list[tuple[int, int, int]] | None = None  # packed rows: (row, start, length) of each item
+
+    @property
+    def packed(self) -> bool:
+        return self.spans is not None
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        return self.inputs["attention_mask"]
+        """The real tokens (B, T): the padding mask, or a packed batch's token mask."""
+        return self.token_mask if self.token_mask is not None else self.inputs["attention_mask"]
 
     @property
     def width(self) -> int:
@@ -78,6 +88,7 @@ class Batch:
 
     @property
     def lengths(self) -> list[int]:
+        """Per row: the item's length (packed rows: the real tokens of the row)."""
         return self.attention_mask.sum(dim=1).tolist()
 
     @property
@@ -88,7 +99,10 @@ class Batch:
 def make_batch(collator: Collator, items: list[TokenizedExample], indices: list[int], device) -> Batch:
     tensors = collator([items[i] for i in indices])
     response_mask = tensors.pop("response_mask").to(device)
-    return Batch({k: v.to(device) for k, v in tensors.items()}, response_mask, list(indices))
+    token_mask, spans = tensors.pop("token_mask", None), tensors.pop("item_spans", None)
+    return Batch({k: v.to(device) for k, v in tensors.items()}, response_mask, list(indices),
+                 None if token_mask is None else token_mask.to(device),
+                 None if spans is None else [tuple(span) for span in spans.tolist()])
 
 
 def stack_batches(a: Batch, b: Batch) -> dict[str, torch.Tensor]:

@@ -23,6 +23,8 @@ the trainer, from the state it is handed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import os
@@ -204,8 +206,11 @@ def resume_config(run_dir: Path, checkpoint: Path | None, overrides: dict) -> RR
 
 
 def check_resumable(state: dict, config: RRConfig, fingerprint: str, checkpoint: Path) -> None:
-    saved = state["config"]
     current = config.to_dict()
+    # A key the checkpoint's config lacks was added since (e.g. packing): it ran with the default.
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(RRConfig)}
+    saved = {**{k: defaults[k] for k in current if k in defaults}, **state["config"]}
     changed = sorted(k for k in set(saved) | set(current)
                      if k not in RESUMABLE_OVERRIDES and saved.get(k) != current.get(k))
     if changed:

@@ -49,6 +49,26 @@ class FrozenStateCache:
             if i not in self.items:
                 self.items[i] = {entry: value[row, :n].clone() for entry, value in states.items()}
 
+    def get_packed(self, indices: list[int], spans: list[tuple[int, int, int]], shape: tuple[int, int]
+                   ) -> dict[int, torch.Tensor] | None:
+        """The states of a packed batch (rows x width = `shape`; `spans`: each item's row, start, length;
+        zeros at the rows' padding), or None unless every item is cached."""
+        if not self.has(indices):
+            return None
+        states = {}
+        for entry, sample in self.items[indices[0]].items():
+            packed = sample.new_zeros((*shape, sample.shape[-1]))
+            for i, (row, start, length) in zip(indices, spans):
+                packed[row, start:start + length] = self.items[i][entry]
+            states[entry] = packed
+        return states
+
+    def put_packed(self, indices: list[int], states: dict[int, torch.Tensor], spans: list[tuple[int, int, int]]
+                   ) -> None:
+        for i, (row, start, length) in zip(indices, spans):
+            if i not in self.items:
+                self.items[i] = {entry: value[row, start:start + length].clone() for entry, value in states.items()}
+
 
 def cache_bytes(items: Sequence, entries: Sequence[int], hidden_size: int, bytes_per_value: int) -> int:
     """Bytes a full cache of `items` (TokenizedExamples) at `entries` takes."""

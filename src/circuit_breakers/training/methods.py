@@ -112,9 +112,11 @@ class RR:
         mask = batch.attention_mask
         orig = orig if orig is not None else trainer._frozen(batch, trainer.retain_entries, trainer.retain_cache)
         lora = trainer._trained(batch, trainer.retain_entries)
+        # Packed rows hold several items: the reference normalisation counts items, not rows.
+        packed = {"sequences": len(batch.indices)} if batch.packed else {}
         loss = trainer._losses[1](lora, orig, mask, trainer.retain_entries,
                                   normalization=self.config.retain_normalization,
-                                  reference_length=self.config.reference_length, relative=self.relative)
+                                  reference_length=self.config.reference_length, relative=self.relative, **packed)
         return loss, losses.mean_cosine(lora, orig, mask, trainer.target_layers)
 
     def take_metrics(self) -> dict[str, float]:

@@ -43,6 +43,7 @@ from .frozen_cache import FrozenStateCache, cache_bytes, plan_caches
 from .lora import add_lora, save_adapter_and_merged, seed_lora_b, switch_off_base_dropout, trainable_parameters
 from .memory import setup_activation_checkpointing
 from .methods import make_method
+from .packing import PackingCollator, check_packing_support
 from .parallel import Distributed, from_environment, make_parallel
 
 
@@ -62,7 +63,9 @@ class DecoderPasses(nn.Module):
 
     def forward(self, entries: Sequence[int], frozen: bool = False, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with torch.no_grad() if frozen else nullcontext(), self.model.disable_adapter() if frozen else nullcontext():
-            states = decoder_hidden_states(self.arch, entries=entries, stop_early=self.stop_early, **inputs)
+            # Packed rows carry no attention_mask (training/packing.py): the decoder masks per item.
+            states = decoder_hidden_states(self.arch, attention_mask=inputs.pop("attention_mask", None),
+                                           entries=entries, stop_early=self.stop_early, **inputs)
         return tuple(states[entry] for entry in entries)
 
 
@@ -115,6 +118,12 @@ class RRTrainer:
         if not circuit_breaker_items or not retain_items:
             raise ConfigError("both the circuit-breaker and the retain set need at least one item")
         self.cb_items, self.retain_items = circuit_breaker_items, retain_items
+        if config.packing:
+            if self.multimodal or collator is not None:
+                raise ConfigError("packing: packs token ids only (its own collator); it is not supported with "
+                                  "vision-language models or a collator of your own")
+            check_packing_support(model, arch)
+            collator = PackingCollator(tokenizer.pad_token_id, config.pack_length or config.max_length)
         if collator is None:  # images need the processor's pixels beside the token ids
             collator = MultimodalCollator(tokenizer) if self.multimodal else TextCollator(tokenizer.pad_token_id)
         self.collator = collator
@@ -202,11 +211,23 @@ class RRTrainer:
 
     def _frozen(self, batch: Batch, entries, cache: FrozenStateCache | None):
         """Hidden states of the adapter-disabled model, from the cache when every item is in it."""
+        if batch.packed:
+            return self._frozen_packed(batch, entries, cache)
         if cache is not None and (states := cache.get(batch.indices, batch.width)) is not None:
             return states
         states = self._hidden_states(batch.inputs, entries, frozen=True)
         if cache is not None:
             cache.put(batch.indices, states, batch.lengths)
+        return states
+
+    def _frozen_packed(self, batch: Batch, entries, cache: FrozenStateCache | None):
+        """`_frozen` for packed rows: the cache holds each item's states, wherever its row put it."""
+        shape = tuple(batch.attention_mask.shape)
+        if cache is not None and (states := cache.get_packed(batch.indices, batch.spans, shape)) is not None:
+            return states
+        states = self._hidden_states(batch.inputs, entries, frozen=True)
+        if cache is not None:
+            cache.put_packed(batch.indices, states, batch.spans)
         return states
 
     def _trained(self, batch: Batch, entries):

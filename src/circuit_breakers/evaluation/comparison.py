@@ -1,0 +1,328 @@
+"""Compare defences of one base model under ONE eval config: `circuit-breakers compare`.
+
+    results = compare("smollm2-135m", {"rr": "runs/rr/model", "repbend": "configs/smollm2-135m-repbend.yaml"},
+                      load_eval_config("compare"), "runs/compare")
+
+Each defence is a trained model directory (or a `train` output directory holding model/) or a training recipe
+(a YAML file or a shipped recipe name), trained first on the base model into OUT/train/<name>/. Every defence
+is evaluated by `run_evaluation` against the base model as baseline into OUT/models/<name>/ (its full report
+is there); the base model's own attacks run once (its samples are handed on to the next defence's directory,
+where the harness's resumption skips them). OUT/comparison.json, OUT/report.md and OUT/report.html hold one
+table, rows = models ("original" first), columns = ASR per attack, benign agreement, over-refusal and
+perplexity, every rate with n and a Wilson 95% interval, and a Pareto plot of mean ASR against over-refusal
+(OUT/figures/pareto.png, inlined in the HTML).
+
+No refusal-only fine-tuning baseline: the trainer has no such method (rr, repbend, rr_lat); a fine-tune on
+the refusal set would be a recipe of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..config import ConfigError
+from .stats import asr_text, rate_text, wilson_interval
+
+ORIGINAL = "original"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+def parse_defences(specs) -> dict[str, tuple[str, str]]:
+    """`NAME=MODEL_DIR_OR_RECIPE` items as {name: (kind, path)}, kind "model" or "recipe"; ConfigError for a bad
+    one (no `=`, a bad or repeated name, a path that is neither a model directory nor a recipe)."""
+    from ..config import recipe_path
+
+    defences: dict[str, tuple[str, str]] = {}
+    for spec in specs:
+        where = f"--defence {spec}"
+        name, eq, value = str(spec).partition("=")
+        name, value = name.strip(), value.strip()
+        if not eq or not name or not value:
+            raise ConfigError(f"{where}: expected NAME=MODEL_DIR or NAME=RECIPE.yaml, e.g. rr=runs/rr/model")
+        if not NAME.match(name):
+            raise ConfigError(f"{where}: a name of letters, digits, '_', '-' and '.' (it names a directory and a row)")
+        if name == ORIGINAL:
+            raise ConfigError(f"{where}: {ORIGINAL!r} is the base model's row; name the defence otherwise")
+        if name in defences:
+            raise ConfigError(f"{where}: defence {name!r} is given twice")
+        path = Path(value)
+        if path.is_dir():
+            if (path / "config.json").is_file():
+                defences[name] = ("model", str(path))
+            elif (path / "model" / "config.json").is_file():  # a `train` output directory
+                defences[name] = ("model", str(path / "model"))
+            else:
+                raise ConfigError(f"{where}: {path} is a directory without a model (no config.json in it or in "
+                                  "its model/ folder)")
+        elif path.suffix in RECIPE_SUFFIXES or not path.exists():
+            try:
+                defences[name] = ("recipe", str(recipe_path(value)))
+            except ConfigError as err:
+                raise ConfigError(f"{where}: neither a model directory nor a training recipe ({err})") from None
+        else:
+            raise ConfigError(f"{where}: {path} is neither a model directory nor a training recipe (.yaml)")
+    if not defences:
+        raise ConfigError("compare needs at least one --defence NAME=MODEL_DIR_OR_RECIPE")
+    return defences
+
+
+def train_defence(recipe: str, base: str, out: Path, progress: bool = True) -> str:
+    """Train `recipe` on the base model into `out`; the merged model's directory. A finished run is reused."""
+    from ..config import RRConfig
+
+    model_dir = out / "model"
+    if (model_dir / "config.json").is_file():
+        print(f"compare: {model_dir} exists; reusing it (delete it to train again)")
+        return str(model_dir)
+    from ..training import RRTrainer
+
+    config = RRConfig.load(Path(recipe), [f"model={base}"])
+    RRTrainer(config, progress=progress).train(out)
+    return str(model_dir)
+
+
+def _hand_on_baseline(previous: Path | None, out: Path) -> None:
+    """Copy the base model's samples of the previous defence's run into `out` (when it has none yet): the
+    harness resumes them instead of attacking the same model again."""
+    from .harness import SAMPLES_FILE, read_samples
+
+    target = out / SAMPLES_FILE
+    if previous is None or target.exists():
+        return
+    records = [r for r in read_samples(previous / SAMPLES_FILE) if r.get("model") == "baseline"]
+    if records:
+        out.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def _stale(out: Path, config, model: str) -> bool:
+    """Whether OUT/models/<name> holds another config's or model's run (then it starts again)."""
+    from .harness import RESULTS_FILE
+
+    try:
+        previous = json.loads((out / RESULTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return (out / "samples.jsonl").exists()
+    return previous.get("eval_config") != config.to_dict() or previous.get("run", {}).get("model") != model
+
+
+def compare(base: str, defences: dict[str, str] | list[str], config, out_dir, *, behaviors=None,
+            dtype: str = "auto", device: str = "auto", resume: bool = True, progress: bool = True) -> dict:
+    """Evaluate the base model and every defence under `config`; write OUT/comparison.json and the report.
+
+    `defences`: {name: model dir or recipe} or `NAME=...` strings (parse_defences checks them all before any
+    model loads)."""
+    import shutil
+
+    from ..models import load_model
+    from .pipeline import run_evaluation
+
+    specs = [f"{k}={v}" for k, v in defences.items()] if isinstance(defences, dict) else list(defences)
+    parsed = parse_defences(specs)
+    out = Path(out_dir)
+    original = load_model(base, dtype=dtype, device=device)
+    runs: dict[str, dict] = {}
+    previous = None
+    for name, (kind, path) in parsed.items():
+        model_dir = train_defence(path, base, out / "train" / name, progress) if kind == "recipe" else path
+        run_dir = out / "models" / name
+        if not resume or _stale(run_dir, config, model_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        _hand_on_baseline(previous, run_dir)
+        model, tokenizer = load_model(model_dir, dtype=dtype, device=device)
+        print(f"compare: evaluating {name} ({model_dir})")
+        runs[name] = run_evaluation(
+            model, tokenizer, config, run_dir, baseline=original, behaviors=behaviors, model_dir=model_dir,
+            baseline_dir=base if Path(base).is_dir() else None, title=f"Circuit-breakers evaluation: {name}",
+            run_info={"model": model_dir, "baseline": base, "defence": name, "source": f"{kind} {path}"},
+            progress=progress)
+        del model
+        previous = run_dir
+    results = comparison_table(runs, base=base, sources={n: f"{k} {p}" for n, (k, p) in parsed.items()})
+    results["eval_config"] = config.to_dict()
+    write_comparison(results, out)
+    return results
+
+
+# ---------------------------------------------------------------- the table
+
+
+def _rows_of(runs: dict[str, dict]) -> dict[str, dict]:
+    """{row: {"asr": {attack: entry}, "capability": per-model capability}} with the original first, from the
+    defences' results (the original's figures are those of the first run, as its "baseline")."""
+    first = next(iter(runs.values()))
+    rows = {ORIGINAL: _row(first, "baseline", agreement=None)}
+    for name, results in runs.items():
+        rows[name] = _row(results, "model", agreement=(results.get("capability") or {}).get("agreement"))
+    return rows
+
+
+def _row(results: dict, which: str, agreement) -> dict:
+    capability = results.get("capability") or {}
+    over = (capability.get("over_refusal") or {}).get(which) or {}
+    perplexity = (capability.get("perplexity") or {}).get(which)
+    return {"asr": (results.get("asr") or {}).get(which, {}), "over_refusal": over, "agreement": agreement,
+            "perplexity": perplexity, "measured": "capability" in results}
+
+
+def _not_answered(over: dict, kind: str) -> dict | None:
+    cell = over.get(kind)
+    if not cell or cell.get("not_answered_rate") is None:
+        return None
+    return {"rate": cell["not_answered_rate"], "ci95": cell["not_answered_ci95"], "n": cell["n"]}
+
+
+def _agreement(agreement) -> dict | None:
+    if not isinstance(agreement, dict) or agreement.get("exact_match") is None:
+        return None
+    n = agreement["n"]
+    exact = round(agreement["exact_match"] * n)
+    return {"rate": agreement["exact_match"], "ci95": list(wilson_interval(exact, n)), "n": n,
+            "token_f1": agreement.get("token_f1"), "token_f1_ci95": agreement.get("token_f1_ci95")}
+
+
+def comparison_table(runs: dict[str, dict], *, base: str, sources: dict[str, str] | None = None) -> dict:
+    """comparison.json from each defence's results.json: per row the ASR entries (as results.json has them),
+    over-refusal (borderline and benign prompts not answered), benign agreement and perplexity."""
+    rows = _rows_of(runs)
+    attacks = list(dict.fromkeys(a for row in rows.values() for a in row["asr"]))
+    table = {}
+    for name, row in rows.items():
+        rates = [row["asr"][a]["asr"] for a in attacks if a in row["asr"] and row["asr"][a].get("asr") is not None]
+        table[name] = {
+            "source": "base model" if name == ORIGINAL else (sources or {}).get(name),
+            "asr": row["asr"],
+            "mean_asr": sum(rates) / len(rates) if rates else None,
+            "over_refusal": _not_answered(row["over_refusal"], "borderline"),
+            "benign_not_answered": _not_answered(row["over_refusal"], "benign"),
+            "agreement": _agreement(row["agreement"]) if name != ORIGINAL else None,
+            "perplexity": row["perplexity"],
+        }
+    first = next(iter(runs.values()))
+    return {"base": base, "attacks": attacks, "rows": table, "judge": first.get("judge"),
+            "behaviors": (first.get("behaviors") or {}).get("n"),
+            "runs": {name: f"models/{name}" for name in runs}}
+
+
+def _cell(cell: dict | None) -> str:
+    return rate_text(cell) + (f" n={cell['n']}" if cell and cell.get("rate") is not None else "")
+
+
+def _agreement_text(cell: dict | None, original: bool) -> str:
+    if original:
+        return "(reference)"
+    if not cell:
+        return "n/a"
+    f1 = cell.get("token_f1")
+    return f"exact {_cell(cell)}" + (f"; F1 {f1:.3f}" if isinstance(f1, (int, float)) else "")
+
+
+def _perplexity_text(cell) -> str:
+    if not isinstance(cell, dict) or cell.get("perplexity") is None:
+        return "n/a"
+    return f"{cell['perplexity']:.2f} n={cell.get('n')} ({cell.get('tokens')} tokens)"
+
+
+def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """The report's header and rows: every rate as "12.5% [3.5, 36.0] n=8" (Wilson 95%)."""
+    attacks = results["attacks"]
+    header = ["model"] + [f"ASR {a}" for a in attacks] + ["mean ASR", "over-refusal (borderline)",
+                                                           "not answered (benign)", "benign agreement",
+                                                           "perplexity"]
+    rows = []
+    for name, row in results["rows"].items():
+        mean = row.get("mean_asr")
+        rows.append([name] + [asr_text(row["asr"].get(a), with_n=True) for a in attacks]
+                    + ["n/a" if mean is None else f"{100 * mean:.1f}%", _cell(row["over_refusal"]),
+                       _cell(row["benign_not_answered"]), _agreement_text(row["agreement"], name == ORIGINAL),
+                       _perplexity_text(row["perplexity"])])
+    return header, rows
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The names whose (over-refusal, ASR) no other point beats on both (lower is better), by over-refusal."""
+    front = [n for n, (x, y) in points.items()
+             if not any(x2 <= x and y2 <= y and (x2, y2) != (x, y) for m, (x2, y2) in points.items() if m != n)]
+    return sorted(front, key=lambda n: points[n])
+
+
+def pareto_plot(results: dict) -> bytes | None:
+    """Mean ASR against over-refusal (borderline prompts not answered, Wilson 95% whiskers), one point per model,
+    the Pareto front joined; None when no model has both figures."""
+    from ..reports.plots import _png, _pyplot
+
+    points, errors = {}, {}
+    for name, row in results["rows"].items():
+        over, mean = row.get("over_refusal"), row.get("mean_asr")
+        if over and over.get("rate") is not None and mean is not None:
+            points[name] = (over["rate"], mean)
+            errors[name] = (over["rate"] - over["ci95"][0], over["ci95"][1] - over["rate"])
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    front = pareto_front(points)
+    for name, (x, y) in points.items():
+        ax.errorbar([100 * x], [100 * y], xerr=[[100 * errors[name][0]], [100 * errors[name][1]]], fmt="o",
+                    color="#9e9e9e" if name == ORIGINAL else ("#1f77b4" if name in front else "#ff7f0e"), capsize=3)
+        ax.annotate(name, (100 * x, 100 * y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    if len(front) > 1:
+        ax.plot([100 * points[n][0] for n in front], [100 * points[n][1] for n in front], "--", color="#1f77b4",
+                lw=1, label="Pareto front")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("over-refusal: borderline prompts not answered (%)")
+    ax.set_ylabel(f"mean ASR over {len(results['attacks'])} attacks (%)")
+    ax.set_xlim(-5, 105)
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    ax.set_title("Defences: lower-left is better")
+    return _png(fig)
+
+
+def write_comparison(results: dict, out_dir) -> tuple[Path, Path]:
+    """OUT/comparison.json, OUT/report.md (+ figures/pareto.png) and a self-contained OUT/report.html."""
+    from ..atomic import atomic_write_text
+    from ..reports.render import Block, render_html, render_markdown
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "comparison.json", json.dumps(results, indent=2) + "\n")
+    header, rows = table_rows(results)
+    judge = (results.get("judge") or {}).get("name", "?")
+    blocks = [Block("p", f"Base model: {results['base']}. Every model under one eval config, judge {judge}, "
+                         f"{results.get('behaviors')} behaviours. ASR: share of behaviours broken, with the Wilson "
+                         "95% interval and n; over-refusal: borderline (XSTest-style) prompts refused or broken "
+                         "down; benign agreement: exact-match rate of benign answers with the original's (and "
+                         "token F1); perplexity on held-out benign answers. Each model's full report: "
+                         + ", ".join(f"{n}: {p}/report.html" for n, p in results.get("runs", {}).items()) + "."),
+              Block("h2", "Attack success and capability"), Block("table", header=header, rows=rows)]
+    png = pareto_plot(results)
+    if png:
+        pareto = {n: r for n, r in results["rows"].items() if r.get("over_refusal") and r.get("mean_asr") is not None}
+        front = pareto_front({n: (r["over_refusal"]["rate"], r["mean_asr"]) for n, r in pareto.items()})
+        blocks += [Block("h2", "Pareto plot"),
+                   Block("figure", "Mean ASR against over-refusal (lower-left is better)", png=png, name="pareto.png"),
+                   Block("p", f"Pareto front (no model is better on both): {', '.join(front)}.")]
+    else:
+        blocks.append(Block("p", "No Pareto plot: over-refusal was not measured (capability: false)."))
+    config = results.get("eval_config")
+    if config:
+        blocks += [Block("h2", "Eval config"), Block("pre", json.dumps(config, indent=1))]
+    for b in blocks:
+        if b.kind == "figure" and b.png:
+            (out / "figures").mkdir(parents=True, exist_ok=True)
+            (out / "figures" / b.name).write_bytes(b.png)
+    title = "Circuit-breakers comparison"
+    md, page = out / "report.md", out / "report.html"
+    atomic_write_text(md, render_markdown(blocks, title))
+    atomic_write_text(page, render_html(blocks, title))
+    return md, page
+
+
+def summary(results: dict) -> str:
+    header, rows = table_rows(results)
+    return "\n".join("  ".join(str(c) for c in row) for row in [header] + rows)
+

@@ -1,0 +1,112 @@
+"""`circuit-breakers compare`: the base model and two tiny defences under one eval config, one table (every rate
+with n and a Wilson interval) and a Pareto plot; bad --defence values are one clear line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from circuit_breakers.cli import main
+from circuit_breakers.config import ConfigError
+from circuit_breakers.evaluation.comparison import pareto_front, parse_defences
+from circuit_breakers.evaluation.harness import read_samples
+from circuit_breakers.evaluation.pipeline import load_eval_config
+
+from ..helpers import make_tiny_model
+
+CONFIG = """
+attacks:
+  direct: {}
+  finetune: {ns: [0, 2], steps: 1, train_batch_size: 2, max_length: 96}
+behaviors: 2
+max_new_tokens: 4
+judge: heuristic
+capability: true
+capability_prompts: 3
+diagnostics: false
+"""
+
+
+@pytest.fixture
+def second_checkpoint(tmp_path, chat_tokenizer):
+    path = tmp_path / "tiny2"
+    make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=4, seed=1).save_pretrained(path)
+    chat_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_compare_writes_one_table_with_intervals_and_a_pareto_plot(tmp_path, tiny_checkpoint, second_checkpoint,
+                                                                   capsys):
+    config = tmp_path / "budget.yaml"
+    config.write_text(CONFIG)
+    out = tmp_path / "cmp"
+    code = main(["compare", "--base", str(tiny_checkpoint), "--defence", f"same={tiny_checkpoint}",
+                 "--defence", f"other={second_checkpoint}", "--eval-config", str(config), "--out", str(out),
+                 "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "comparison.json").read_text())
+    assert list(results["rows"]) == ["original", "same", "other"]
+    assert results["attacks"] == ["direct", "finetune-0", "finetune-2"]
+    for name, row in results["rows"].items():
+        assert row["asr"]["finetune-2"]["n"] == 2 and row["over_refusal"]["n"] == 3
+        assert row["asr"]["finetune-2"]["budget"]["ns"] == [2]
+    assert results["rows"]["same"]["agreement"]["n"] == 3 and results["rows"]["original"]["agreement"] is None
+    report = (out / "report.md").read_text()
+    assert "| model | ASR direct | ASR finetune-0 | ASR finetune-2 |" in report
+    line = next(l for l in report.splitlines() if l.startswith("| other |"))
+    assert line.count("n=2") == 3 and line.count("n=3") >= 2 and "[" in line and "]" in line
+    assert (out / "figures" / "pareto.png").read_bytes().startswith(b"\x89PNG")
+    assert 'src="data:image/png;base64,' in (out / "report.html").read_text()
+    # the original's attacks ran once: the second run resumed the first one's samples of it
+    first = [r for r in read_samples(out / "models" / "same" / "samples.jsonl") if r["model"] == "baseline"]
+    second = [r for r in read_samples(out / "models" / "other" / "samples.jsonl") if r["model"] == "baseline"]
+    assert first and first == second
+    for name in ("same", "other"):
+        assert (out / "models" / name / "report.html").is_file()
+    # finetune-0 is the direct request
+    samples = read_samples(out / "models" / "other" / "samples.jsonl")
+    by = {(r["model"], r["attack"], r["behavior_id"]): r["output"] for r in samples}
+    assert all(by[(m, "finetune-0", b)] == out_ for (m, a, b), out_ in by.items() if a == "direct")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("noequals", "expected NAME=MODEL_DIR"),
+    ("=x", "expected NAME=MODEL_DIR"),
+    ("bad name=x", "a name of letters"),
+    ("original={ckpt}", "base model's row"),
+    ("rr={empty}", "a directory without a model"),
+    ("rr={missing}/model.yaml", "neither a model directory nor a training recipe"),
+    ("rr={text}", "neither a model directory nor a training recipe"),
+])
+def test_bad_defences_are_one_clear_line(tmp_path, tiny_checkpoint, capsys, spec, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    spec = spec.format(ckpt=tiny_checkpoint, empty=tmp_path / "empty", missing=tmp_path / "nowhere",
+                       text=tmp_path / "notes.txt")
+    out = tmp_path / "cmp"
+    code = main(["compare", "--base", str(tiny_checkpoint), "--defence", spec, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_defences_parse_models_train_outputs_and_recipes(tmp_path, tiny_checkpoint):
+    train_out = tmp_path / "run"
+    (train_out / "model").mkdir(parents=True)
+    (train_out / "model" / "config.json").write_text("{}")
+    parsed = parse_defences([f"a={tiny_checkpoint}", f"b={train_out}", "c=smollm2-135m-repbend"])
+    assert parsed["a"] == ("model", str(tiny_checkpoint)) and parsed["b"] == ("model", str(train_out / "model"))
+    assert parsed["c"][0] == "recipe" and parsed["c"][1].endswith("smollm2-135m-repbend.yaml")
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_defences([f"a={tiny_checkpoint}", f"a={tiny_checkpoint}"])
+    with pytest.raises(ConfigError, match="at least one"):
+        parse_defences([])
+
+
+def test_pareto_front_and_shipped_compare_config():
+    points = {"original": (0.0, 0.9), "rr": (0.2, 0.1), "worse": (0.3, 0.2), "strict": (0.9, 0.0)}
+    assert pareto_front(points) == ["original", "rr", "strict"]
+    config = load_eval_config("compare")
+    names = [a.name for a in config.make_attacks()]
+    assert names[:6] == ["direct", "prefilling", "templates", "gcg", "embedding_improved", "refusal_ablation"]
+    assert names[6:] == ["finetune-0", "finetune-10", "finetune-50"]
