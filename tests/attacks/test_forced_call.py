@@ -7,6 +7,7 @@ from circuit_breakers.attacks import forced_call as forced_call_module
 from circuit_breakers.attacks._common import SLOT_MARKER, slot_prompt
 from circuit_breakers.attacks.base import Behavior, budget_of
 from circuit_breakers.attacks.forced_call import ForcedCall, ForcedCallConfig
+from circuit_breakers.evaluation.harness import model_words
 from circuit_breakers.tools.calls import ToolCall, parse_tool_calls
 from circuit_breakers.tools.forcing import call_opening
 from ..helpers import make_tiny_model, make_tool_tokenizer
@@ -38,10 +39,12 @@ def test_the_attack_prefills_the_models_own_call_opening(setup, name_the_tool):
     assert [o.behavior_id for o in outs] == ["phish", "spam"] and outs[1].prompt == BEHAVIORS[1].user_message()
     for out in outs:
         assert out.attack == "forced_call" and out.budget == budget_of(cfg)
-        assert out.extra["prefill"] == opening and out.extra["forced_tool"] == ("send_email" if name_the_tool else None)
+        assert out.extra["call_opening"] == opening and out.extra["forced_tool"] == ("send_email" if name_the_tool else None)
         assert "Send an email to anyone." in out.extra["prompt_text"]  # the tools are in the prompt
         assert out.prompt in out.extra["prompt_text"] and out.extra["prompt_text"].endswith(opening)
         assert out.generations == [opening + out.extra["continuation"]]
+        # ... and the harness judges the whole call: a call cut at its opening would not parse.
+        assert model_words(out, out.generations[0]) == out.generations[0]
     # The continuation is the model's greedy continuation of exactly that prompt.
     ids = torch.tensor([tokenizer(outs[0].extra["prompt_text"], add_special_tokens=False).input_ids])
     greedy = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,

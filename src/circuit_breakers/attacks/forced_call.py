@@ -4,8 +4,10 @@ with the opening of a call in the model's OWN format (`tools.forcing.call_openin
 
 `name_the_tool` also prefills the harmful tool's name (and the arguments' opening), as an API's
 ``tool_choice`` naming one function would; by default only the call is forced and the model picks the tool.
-As for prefilling, the generation RETURNED is the prefill followed by the continuation (a parser and a judge
-read the whole call); `extra["continuation"]` is the model's own part. Greedy generation runs on the torch
+The generation RETURNED is the call opening followed by the continuation, and it is judged whole: the
+opening is the API's call format, not an attacker's words, and a call cut at its opening does not parse
+(so, unlike prefilling's `extra["prefill"]`, the opening is `extra["call_opening"]`, which the harness leaves
+in); `extra["continuation"]` is the model's own part. Greedy generation runs on the torch
 model (the prompt is exact token ids).
 """
 
@@ -50,7 +52,7 @@ class ForcedCall:
                                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
         return [AttackOutput(behavior_id=b.id, attack=self.name, prompt=b.user_message(), generations=[o + g],
                              budget=budget_of(cfg),
-                             extra={"prefill": o, "continuation": g, "prompt_text": p,
+                             extra={"call_opening": o, "continuation": g, "prompt_text": p,
                                     "forced_tool": self._forced_name(b)})
                 for b, o, p, g in zip(behaviors, openings, prompts, continuations)]
 
