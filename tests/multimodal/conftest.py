@@ -2,10 +2,20 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from circuit_breakers.data import write_jsonl
 
 from ..helpers import write_test_image
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from circuit_breakers.attacks import ATTACKS, Behavior, make_attack
 from circuit_breakers.attacks.base import IMAGE_ATTACKS
@@ -21,13 +20,6 @@ from ..helpers import TINY_VLM_FAMILIES, make_tiny_vlm, write_test_image
 TEXT_ONLY_ATTACKS = {"gcg", "embedding", "embedding_improved", "refusal_ablation", "refusal_addition", "pair",
                      "forced_call", "finetune", "finetune_benign"}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

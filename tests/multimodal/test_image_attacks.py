@@ -27,13 +27,6 @@ from ..helpers import TINY_VLM_FAMILIES, make_tiny_vlm
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "vlm_step.py"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module", params=TINY_VLM_FAMILIES)
 def vlm(request):
