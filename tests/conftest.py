@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from .helpers import TINY_ARCHITECTURES, make_chat_tokenizer, make_tiny_model
 
@@ -10,6 +11,15 @@ from .helpers import TINY_ARCHITECTURES, make_chat_tokenizer, make_tiny_model
 def chat_tokenizer():
     """Session-scoped: copy it (copy.deepcopy) before changing any attribute."""
     return make_chat_tokenizer()
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (tiny models run fastest so, and the machine is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(params=TINY_ARCHITECTURES)

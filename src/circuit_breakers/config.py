@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 # Where `key=value` overrides come from, as errors name it (a recipe's own errors name the recipe file).
 COMMAND_LINE = "command line (key=value)"
-METHODS = ("rr", "repbend", "rr_lat")
+METHODS = ("rr", "repbend", "rr_lat", "refusal")
 # The shortest max_length that holds a chat-formatted request and a response: even a bare ChatML prompt
 # is ~8 tokens. Longer prompts are checked item by item when the data is tokenised.
 MIN_MAX_LENGTH = 16
@@ -100,15 +100,20 @@ class RRConfig:
     # ---- the method
     method: str = _field(
         "rr", "rr (Representation Rerouting, the paper), repbend (Representation Bending: the repbend_* "
-              "settings) or rr_lat (RR trained against a latent adversary: the lat_* settings)")
+              "settings), rr_lat (RR trained against a latent adversary: the lat_* settings) or refusal "
+              "(refusal-only fine-tuning, the classic baseline: the refusal_*_weight settings)")
     # ---- RR (rr and rr_lat)
-    target_layers: list[int] = _field([10, 20], "hidden-state entries the rerouting loss acts on (rr, rr_lat)")
+    target_layers: list[int] = _field([10, 20], "hidden-state entries the rerouting loss acts on (rr, rr_lat); LoRA "
+                                                   "reaches the highest (every method)")
     alpha: float = _field(10.0, "loss-coefficient scale: 10 for Llama-3-8B, 5 for Mistral-7B")
     schedule_denominator: int | None = _field(None, "D in c_s = alpha(1 - t/D); default 2 * steps")
     retain_normalization: str = _field("reference", "reference (scaled to 1024-token padding) or masked_mean")
     reference_length: int = _field(1024, "padded length the reference normalisation assumes")
     retain_distance: str = _field("l2", "l2 (paper) or relative_l2 (divided by the original norm)")
     retain_weight: float = _field(1.0, "extra factor on c_r (1 = paper)")
+    retain_response_weight: float = _field(
+        1.0, "weight of a retain item's response tokens against its prompt tokens in L_r (1 = paper: all alike); "
+             "above 1 where long shared prompts (tool definitions) would drown the responses")
     reroute_tokens: str = _field("all", "all non-pad tokens (paper) or response tokens only")
     seeded_start: str = _field(
         "none", "none (paper: LoRA B = 0, so the first steps follow rounding noise), target (the rerouting "
@@ -140,6 +145,13 @@ class RRConfig:
     lat_steps: int = _field(16, "PGD steps per circuit-breaker batch (a forward and backward each, and one more "
                                 "forward to evaluate the last)")
     lat_step_size: float = _field(0.025, "length of each PGD step, relative to the clean state's norm like lat_eps")
+    # ---- refusal-only fine-tuning (method: refusal; docs/method-notes.md). No schedule: the weights are constant.
+    refusal_weight: float = _field(
+        1.0, "weight of the cross-entropy of a refusal (one of the project's refusal styles) to each "
+             "circuit-breaker request (method refusal)")
+    refusal_retain_weight: float = _field(
+        1.0, "weight of the cross-entropy of the retain items' own responses (method refusal; ordinary SFT "
+             "on the model's own answers)")
     # ---- LoRA
     lora_r: int = _field(16, "LoRA rank")
     lora_alpha: int = _field(16, "LoRA alpha")
@@ -219,9 +231,13 @@ class RRConfig:
             if max(self.lat_layers) >= max(self.target_layers):
                 raise ConfigError(f"lat_layers: each entry must be below max(target_layers) ({max(self.target_layers)}), "
                                   f"got {self.lat_layers}: a perturbation there cannot reach the rerouting loss")
-        if self.method == "repbend" and self.seeded_start == "target":
-            raise ConfigError("seeded_start: target moves the rerouting target of rr and rr_lat; method repbend has "
-                              "none (use none or lora)")
+        if self.method in ("repbend", "refusal") and self.seeded_start == "target":
+            raise ConfigError(f"seeded_start: target moves the rerouting target of rr and rr_lat; method "
+                              f"{self.method} has none (use none or lora)")
+        if self.method == "refusal" and self.drop_instruction_prob > 0:
+            raise ConfigError(f"drop_instruction_prob: method refusal trains each response as the answer to its "
+                              f"request; with the request dropped ({self.drop_instruction_prob}) it would teach "
+                              "refusing an empty turn (use 0)")
 
     @property
     def denominator(self) -> int:
@@ -270,7 +286,7 @@ RANGES: dict[str, Bounds] = {
     "drop_instruction_prob": PROBABILITY,
     "target_layers": Bounds(1, why="hidden-state entries; 0 is the embeddings"),
     "alpha": POSITIVE, "schedule_denominator": POSITIVE, "reference_length": POSITIVE,
-    "retain_weight": NON_NEGATIVE, "seeded_start_scale": POSITIVE,
+    "retain_weight": NON_NEGATIVE, "retain_response_weight": NON_NEGATIVE, "seeded_start_scale": POSITIVE,
     "lora_r": POSITIVE, "lora_alpha": POSITIVE, "lora_dropout": Bounds(0, 1, high_open=True),
     "steps": POSITIVE, "batch_size": POSITIVE, "grad_accum": POSITIVE, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
     "max_grad_norm": POSITIVE, "frozen_cache_gb": Bounds(0, why="0 = off"), "activation_memory_gb": POSITIVE,
@@ -283,6 +299,7 @@ RANGES: dict[str, Bounds] = {
     "repbend_unsafe_layers": Bounds(1, why="hidden-state entries; 0 is the embeddings"),
     "lat_layers": Bounds(0, why="hidden-state entries; 0 is the embeddings"), "lat_eps": POSITIVE,
     "lat_steps": AT_LEAST_ONE, "lat_step_size": POSITIVE,
+    "refusal_weight": NON_NEGATIVE, "refusal_retain_weight": NON_NEGATIVE,
 }
 
 

@@ -15,6 +15,9 @@ Retain loss, on a retain batch, over every hidden-state entry l = 0..n:
                                       averages over padding too; we keep its scale without padding
     Z = n_entries * sum_{b,t} M_bt    "masked_mean": a plain mean over real tokens
 
+In L_r, M may carry weights instead of 0/1: `retain_response_weight` w gives a retain item's response tokens
+M_bt = w (training.methods.retain_token_weights), so "masked_mean" becomes a weighted mean.
+
 `relative=True` is this project's norm-aware variant: each token's distance is divided by
 ||h^l_orig[b,t]||, so that models with a large residual stream (SmolLM2: ~150-220 per token against
 ~9 for Llama-3-8B) do not let the retain term drown the rerouting term.
@@ -66,6 +69,15 @@ gradient), with normalised steps of a * ||h^l[b,t]|| per token:
     delta <- Proj_ball(delta + a * ||h|| * g / ||g||),   g = dA / d delta                  pgd_l2_step
 
 The outer step then minimises c_s(t) * L_s on the perturbed pass (L_r stays unperturbed).
+
+Refusal-only fine-tuning (`method: refusal`, the classic baseline). x the token ids, R the response tokens
+(B x T mask; a circuit-breaker item's response is replaced by a refusal), z[b,t] = W_head h^n_lora[b,t] the
+logits from the final-norm entry n; each response token is predicted from the position before it:
+
+    CE = - sum_{b,t in R} log softmax(z[b,t-1])[x_bt] / |R|                          response_cross_entropy
+
+a mean over the batch's response tokens (not per item). L = w_refusal * CE(circuit-breaker items answered
+by refusals) + w_retain * CE(retain items with their own responses), constant weights.
 """
 
 from __future__ import annotations
@@ -200,3 +212,15 @@ def logit_kl(lora_logits: torch.Tensor, orig_logits: torch.Tensor, sequences: in
     log_p = F.log_softmax(lora_logits.float() / temperature, dim=-1)
     log_q = F.log_softmax(orig_logits.float() / temperature, dim=-1)
     return F.kl_div(log_p, log_q, reduction="sum", log_target=True) * temperature ** 2 / max(sequences, 1)
+
+
+def response_cross_entropy(final: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor,
+                           response_mask: torch.Tensor) -> torch.Tensor:
+    """CE: the token-mean cross-entropy of the response tokens (`response_mask`, B x T), each predicted from the
+    final-norm state `final` (B x T x D) one position before it. The LM head `head` runs on those positions only
+    (N x V logits, not B x T x V); computed in fp32."""
+    predicting = response_mask[:, 1:].bool()
+    if not predicting.any():
+        return final.sum() * 0.0
+    logits = head(final[:, :-1][predicting])
+    return F.cross_entropy(logits.float(), input_ids[:, 1:][predicting], reduction="mean")

@@ -2,19 +2,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from circuit_breakers.attacks.base import Behavior
 from ..helpers import make_chat_tokenizer, make_tiny_model
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def every_test_on_one_thread(one_thread):
+    """tests/conftest.py's one_thread, for every test here."""
 
 
 @pytest.fixture(scope="module")

@@ -110,3 +110,38 @@ def test_pareto_front_and_shipped_compare_config():
     names = [a.name for a in config.make_attacks()]
     assert names[:6] == ["direct", "prefilling", "templates", "gcg", "embedding_improved", "refusal_ablation"]
     assert names[6:] == ["finetune-0", "finetune-10", "finetune-50"]
+
+
+def test_a_refusal_recipe_trains_inside_compare(tmp_path, tiny_checkpoint, capsys):
+    """A defence given as a recipe of method refusal (the classic refusal-only fine-tuning baseline) is trained on
+    the base model into OUT/train/NAME, then evaluated beside the original in the one table."""
+    from circuit_breakers.config import RRConfig
+
+    cb, retain = tmp_path / "cb.jsonl", tmp_path / "retain.jsonl"
+    cb.write_text("".join(json.dumps({"request": f"How do I bake bread {i}?",
+                                      "response": "Sure, here is a simple recipe for bread."}) + "\n" for i in range(4)))
+    retain.write_text("".join(json.dumps({"request": f"Explain the water cycle {i}.",
+                                          "response": "Water evaporates, condenses and falls."}) + "\n"
+                              for i in range(4)))
+    recipe = tmp_path / "refusal.yaml"
+    recipe.write_text(f"method: refusal\ncircuit_breaker_data: [{json.dumps(str(cb))}]\n"
+                      f"retain_data: [{json.dumps(str(retain))}]\nrefusal_retain: false\ntarget_layers: [2]\n"
+                      "steps: 2\nbatch_size: 2\nlr: 1.0e-2\nmax_length: 96\nsave_every: 0\n")
+    config = tmp_path / "budget.yaml"
+    config.write_text("attacks:\n  direct: {}\nbehaviors: 2\nmax_new_tokens: 4\njudge: heuristic\n"
+                      "capability: false\ndiagnostics: false\n")
+    out = tmp_path / "cmp"
+    code = main(["compare", "--base", str(tiny_checkpoint), "--defence", f"refusal={recipe}", "--eval-config",
+                 str(config), "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "comparison.json").read_text())
+    assert list(results["rows"]) == ["original", "refusal"]
+    assert results["rows"]["refusal"]["source"] == f"recipe {recipe}"
+    assert results["rows"]["refusal"]["asr"]["direct"]["n"] == 2
+    train = out / "train" / "refusal"
+    trained = RRConfig.load(train / "config.yaml")
+    assert trained.method == "refusal" and trained.model == str(tiny_checkpoint)
+    log = [json.loads(line) for line in (train / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["c_s"] == r["c_r"] == 1.0 for r in log)
+    assert all(r["rerouting_loss"] > 0 and r["retain_loss"] > 0 for r in log)  # the two cross-entropies
+    assert (train / "model" / "config.json").is_file() and (out / "models" / "refusal" / "report.html").is_file()

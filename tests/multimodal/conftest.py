@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from circuit_breakers.data import write_jsonl
 
@@ -10,12 +9,8 @@ from ..helpers import write_test_image
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def every_test_on_one_thread(one_thread):
+    """tests/conftest.py's one_thread, for every test here."""
 
 
 @pytest.fixture

@@ -29,8 +29,8 @@ def model_and_tokenizer(chat_tokenizer):
 def test_default_calibration_is_held_out_from_fitting_and_hits_the_target_fpr(model_and_tokenizer, tmp_path):
     model, tokenizer = model_and_tokenizer
     positive, negative = _set("Harm", 12), _set("Explain", 40)
-    probe = train_probe(model, tokenizer, 2, "linear", 0.25, tmp_path / "p", positive={"harm": positive},
-                        negative={"retain": negative}, calibration_fraction=0.5, epochs=2)
+    train_probe(model, tokenizer, 2, "linear", 0.25, tmp_path / "p", positive={"harm": positive},
+               negative={"retain": negative}, calibration_fraction=0.5, epochs=2)
     meta = json.loads((tmp_path / "p" / "probe.json").read_text())
     calibration = meta["calibration"]
     assert calibration["source"] == "train-holdout" and calibration["fraction"] == 0.5

@@ -29,6 +29,29 @@ def _lora(trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
 
 
+# ---------------------------------------------------------------- RR
+
+
+def test_retain_response_weight_is_a_weighted_mean_over_the_tokens():
+    """retain_response_weight w: L_r (masked_mean) = sum_t m_t d_t / sum_t m_t with m = 1 at prompt tokens and w at
+    response tokens; w = 1 is the paper's plain mean. The logged retain cosine stays over the real tokens alike."""
+    from circuit_breakers.losses import retain_loss
+    from circuit_breakers.training.batches import Batch
+    from circuit_breakers.training.methods import retain_token_weights
+
+    attention = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    response = torch.tensor([[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    batch = Batch({"attention_mask": attention}, response, [0, 1])
+    lora, orig = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    distance = (lora - orig).norm(dim=-1)
+    for w in (1.0, 4.0, 0.0):
+        weights = retain_token_weights(RRConfig(retain_response_weight=w), batch)
+        m = attention.float() * torch.where(response, w, 1.0)
+        got = retain_loss({1: lora}, {1: orig}, weights, [1], normalization="masked_mean")
+        assert float(got) == pytest.approx(float((m * distance).sum() / m.sum()), rel=1e-6)
+    assert retain_token_weights(RRConfig(), batch) is attention  # the paper's mask, untouched
+
+
 # ---------------------------------------------------------------- RepBend
 
 
@@ -189,6 +212,7 @@ def test_a_few_steps_lower_the_methods_loss(chat_tokenizer):
                                                                           r"max\(target_layers\) \(4\)"),
     ({"method": "repbend", "seeded_start": "target"}, "seeded_start: target moves the rerouting target"),
     ({"lat_eps": 0}, "lat_eps: expected a number > 0"),
+    ({"retain_response_weight": -1}, "retain_response_weight: expected a number >= 0"),
     ({"lat_steps": 0}, "lat_steps: expected an integer >= 1"),
     ({"lat_layers": [-1]}, "lat_layers: expected an integer >= 0"),
     ({"repbend_unsafe_weight": -0.1}, "repbend_unsafe_weight: expected a number >= 0"),
@@ -234,3 +258,117 @@ def test_llama3_repbend_recipe_is_the_papers():
     assert (c.lora_r, c.lora_alpha, c.lr, c.batch_size, c.steps) == (16, 16, 1e-5, 16, 450)
     assert (c.repbend_safe_weight, c.repbend_unsafe_weight, c.repbend_cosine_weight) == (0.5, 0.1, 0.3)
     assert c.lora_target_modules == ["all-linear"]
+
+
+# ---------------------------------------------------------------- refusal-only fine-tuning (the classic baseline)
+
+
+def _refusal_answers(tokenizer, items, max_length: int) -> list[tuple[list[int], int]]:
+    """(ids, response start) of each circuit-breaker item answered by refusal style i mod n and the ChatML end of
+    turn, cut at max_length: what method refusal trains, rebuilt here from the refusal texts."""
+    refusals = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in refusal_texts()]
+    end = tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    return [(list(item.input_ids[:item.response_start])
+             + (refusals[index % len(refusals)] + end)[:max_length - item.response_start], item.response_start)
+            for index, item in enumerate(items)]
+
+
+def _responses_nll(model, answers: list[tuple[list[int], int]]) -> tuple[float, list[float]]:
+    """(token-mean cross-entropy over every item's response tokens, each item's summed log-likelihood), item by
+    item without padding, each token predicted from the position before it."""
+    total, count, likelihoods = 0.0, 0, []
+    for ids, start in answers:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+        item = sum(float(logp[t - 1, ids[t]]) for t in range(start, len(ids)))
+        total, count = total - item, count + len(ids) - start
+        likelihoods.append(item)
+    return total / count, likelihoods
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_refusal_step_one_losses_equal_the_direct_computation(chat_tokenizer, kind):
+    """Step 1 (LoRA B = 0): the refusal side is the original model's token-mean cross-entropy of each request
+    answered by its refusal (two of the six cut at max_length), the retain side that of the retain items' own
+    responses; the log's c_s, c_r are the constant weights; every block is kept, LoRA on blocks 0..max(target)."""
+    model = make_tiny_model(kind, vocab_size=len(chat_tokenizer))
+    original = copy.deepcopy(model)
+    trainer = tiny_trainer(model, chat_tokenizer, n_cb=6, n_retain=6, batch_size=6, steps=1, method="refusal",
+                           refusal_weight=2.0, refusal_retain_weight=0.5)
+    assert trainer.dropped is None and trainer.target_layers == [2, 4]
+    assert {int(n.split(".layers.")[1].split(".")[0]) for n in _lora(trainer)} == set(range(5))
+    answers = _refusal_answers(chat_tokenizer, trainer.cb_items, 64)
+    assert sum(len(ids) == 64 for ids, _ in answers) == 2  # the long refusal styles are cut at max_length
+    assert chat_tokenizer.decode(answers[0][0][answers[0][1]:]) == refusal_texts()[0] + "<|im_end|>\n"
+    (record,) = trainer.train().log
+    assert (record["c_s"], record["c_r"]) == (2.0, 0.5)
+    refusal_ce, _ = _responses_nll(original, answers)
+    retain_ce, _ = _responses_nll(original, [(list(x.input_ids), x.response_start) for x in trainer.retain_items])
+    assert record["rerouting_loss"] == pytest.approx(refusal_ce, rel=1e-5)
+    assert record["retain_loss"] == pytest.approx(retain_ce, rel=1e-5)
+    assert record["cb_cos"] == pytest.approx(1.0, abs=1e-6) and record["retain_cos"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_refusal_trains_only_lora_parameters(chat_tokenizer):
+    model = make_tiny_model("qwen2", vocab_size=len(chat_tokenizer))
+    trainer = tiny_trainer(model, chat_tokenizer, steps=2, method="refusal", target_layers=[3])
+    assert trainer.dropped is None  # the logits need every block, though LoRA stops at block 3
+    params = dict(trainer.model.named_parameters())
+    assert {n for n, p in params.items() if p.requires_grad} == {n for n in params if "lora_" in n}
+    assert {int(n.split(".layers.")[1].split(".")[0]) for n in _lora(trainer)} == {0, 1, 2, 3}
+    base = {n: p.detach().clone() for n, p in params.items() if "lora_" not in n}
+    lora = _lora(trainer)
+    trainer.train()
+    assert all(torch.equal(params[n], v) for n, v in base.items())
+    assert any(not torch.equal(params[n], v) for n, v in lora.items())
+
+
+def test_refusal_a_few_steps_lower_the_loss_and_raise_the_refusals_likelihood(chat_tokenizer):
+    """One fixed batch of each set (two items each), no dropout: both cross-entropies go down, and the trained
+    model gives each request's refusal a higher likelihood than the original does. (Slowly: the tiny random
+    model's LM head, std 0.02 on 32 normalised dimensions, cannot make logits much larger than 1.)"""
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer))
+    original = copy.deepcopy(model)
+    trainer = tiny_trainer(model, chat_tokenizer, n_cb=2, n_retain=2, steps=8, method="refusal", lora_dropout=0.0,
+                           lr=2e-2)
+    log = trainer.train().log
+    refusal, retain = [r["rerouting_loss"] for r in log], [r["retain_loss"] for r in log]
+    assert refusal[-1] < refusal[0] - 0.1, refusal
+    assert retain[-1] < retain[0], retain
+    answers = _refusal_answers(chat_tokenizer, trainer.cb_items, 64)
+    before, before_items = _responses_nll(original, answers)
+    after, after_items = _responses_nll(trainer.model, answers)
+    assert after < before - 0.1, (before, after)
+    assert all(a > b for a, b in zip(after_items, before_items)), (before_items, after_items)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"method": "refusal", "refusal_weight": -1}, "refusal_weight: expected a number >= 0"),
+    ({"refusal_retain_weight": -0.5}, "refusal_retain_weight: expected a number >= 0"),
+    ({"method": "refusal", "refusal_weight": "high"}, "refusal_weight: expected float"),
+    ({"method": "refusal", "seeded_start": "target"}, "seeded_start: target moves the rerouting target of rr and "
+                                                      "rr_lat; method refusal has none"),
+    ({"method": "refusal", "drop_instruction_prob": 0.5}, r"drop_instruction_prob: method refusal .*\(0.5\)"),
+    ({"method": "refusal", "packing": True}, "packing: supported for method rr only"),
+    ({"method": "refusal", "target_layers": []}, "target_layers: expected at least one"),
+])
+def test_refusal_config_errors_name_the_field(values, message):
+    with pytest.raises(ConfigError, match=message):
+        RRConfig.from_dict(values)
+
+
+def test_refusal_settings_are_ignored_by_the_other_methods(chat_tokenizer):
+    assert RRConfig(method="refusal").method == "refusal"
+    for method in ("rr", "repbend", "rr_lat"):  # drop_instruction_prob and zero weights are theirs to use
+        RRConfig(method=method, target_layers=[2, 4], lat_layers=[1], drop_instruction_prob=0.5, refusal_weight=0.0,
+                 refusal_retain_weight=0.0)
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer))
+    with pytest.raises(ConfigError, match=r"target_layers: 9 is past the last hidden-state entry \(6\)"):
+        tiny_trainer(model, chat_tokenizer, method="refusal", target_layers=[2, 9])
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-refusal", "llama3-8b-refusal"])
+def test_refusal_recipes_load(name):
+    config = RRConfig.load(recipe_path(name))
+    assert config.method == "refusal" and config.steps > 0 and config.drop_instruction_prob == 0.0
+    assert config.refusal_weight > 0 and config.refusal_retain_weight > 0 and not config.refusal_retain

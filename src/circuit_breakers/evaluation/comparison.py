@@ -12,8 +12,11 @@ table, rows = models ("original" first), columns = ASR per attack, benign agreem
 perplexity, every rate with n and a Wilson 95% interval, and a Pareto plot of mean ASR against over-refusal
 (OUT/figures/pareto.png, inlined in the HTML).
 
-No refusal-only fine-tuning baseline: the trainer has no such method (rr, repbend, rr_lat); a fine-tune on
-the refusal set would be a recipe of its own.
+The classic baseline, refusal-only fine-tuning, is a training method like the others (`method: refusal`;
+recipes smollm2-135m-refusal, llama3-8b-refusal), so it goes in as a recipe beside RR, RepBend and RR+LAT:
+
+    circuit-breakers compare --base smollm2-135m --defence rr=smollm2-135m --defence repbend=smollm2-135m-repbend \
+        --defence rr-lat=smollm2-135m-rr-lat --defence refusal=smollm2-135m-refusal --eval-config compare --out OUT
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def save_adapter_and_merged(peft_model, dropped: DroppedBlocks | None, blocks_pa
 def model_card(config: RRConfig, auto_class: str = "AutoModelForCausalLM") -> str:
     settings = {k: getattr(config, k) for k in ("method", "target_layers", "alpha", "steps", "batch_size", "lr", "lora_r",
                                                  "lora_alpha", "retain_normalization", "retain_distance",
-                                                 "retain_weight", "reroute_tokens", "drop_instruction_prob")}
+                                                 "retain_weight", "retain_response_weight", "reroute_tokens", "drop_instruction_prob")}
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in settings.items())
     return f"""---
 base_model: {base_model_name(config.model)}

@@ -10,6 +10,8 @@ docs/method-notes.md):
   the residual stream at prompt positions, restoring the original harmful states).
 - `RepBend`: Representation Bending's five terms with constant weights; needs the logits, so the
   model keeps every block.
+- `Refusal`: refusal-only fine-tuning, the classic baseline: the cross-entropy of a refusal to each harmful
+  request and of the retain items' own responses, constant weights; reads the logits, so keeps every block.
 
 Each loss comes back as (loss, diagnostics) in the shapes the trainer logs; a method's own figures (its
 terms, the adversary's cosines) are collected with `take_metrics` after each micro-batch.
@@ -29,9 +31,24 @@ from ..models import Architecture, unwrap
 from .batches import Batch, make_batch
 
 
+def lm_head(trainer) -> torch.nn.Module:
+    """The LM head: applied to the final-norm entry (`trainer.retain_entries[-1]`) it gives the model's logits,
+    exactly so for models without logit soft-capping or scaling (Llama, Mistral, Qwen2)."""
+    return unwrap(trainer.model).get_output_embeddings()
+
+
 def harmful_mask(config: RRConfig, batch: Batch) -> torch.Tensor:
     """The circuit-breaker tokens the harmful-side loss acts on (`reroute_tokens`)."""
     return batch.response_mask if config.reroute_tokens == "response" else batch.attention_mask
+
+
+def retain_token_weights(config: RRConfig, batch: Batch) -> torch.Tensor:
+    """The retain loss's per-token weights: 1 at every real token (the paper), the response tokens weighted
+    `retain_response_weight`. A tool-use item is ~400 tokens of tool definitions, shared with the harmful items,
+    before a ~40-token call: weighted alike, the call tokens are a tenth of the term that is to keep them."""
+    if config.retain_response_weight == 1.0:
+        return batch.attention_mask
+    return batch.attention_mask.float() + (config.retain_response_weight - 1.0) * batch.response_mask.float()
 
 
 def last_prompt_positions(response_mask: torch.Tensor) -> torch.Tensor:
@@ -108,16 +125,15 @@ class RR:
         return loss, losses.layer_cosines(lora, orig, mask, trainer.target_layers)
 
     def retain_terms(self, trainer, batch: Batch, orig=None) -> tuple[torch.Tensor, float]:
-        """(L_r, mean cosine to the original at the target layers)."""
-        mask = batch.attention_mask
+        """(L_r, mean cosine to the original at the target layers, over the real tokens)."""
         orig = orig if orig is not None else trainer._frozen(batch, trainer.retain_entries, trainer.retain_cache)
         lora = trainer._trained(batch, trainer.retain_entries)
         # Packed rows hold several items: the reference normalisation counts items, not rows.
         packed = {"sequences": len(batch.indices)} if batch.packed else {}
-        loss = trainer._losses[1](lora, orig, mask, trainer.retain_entries,
+        loss = trainer._losses[1](lora, orig, retain_token_weights(self.config, batch), trainer.retain_entries,
                                   normalization=self.config.retain_normalization,
                                   reference_length=self.config.reference_length, relative=self.relative, **packed)
-        return loss, losses.mean_cosine(lora, orig, mask, trainer.target_layers)
+        return loss, losses.mean_cosine(lora, orig, batch.attention_mask, trainer.target_layers)
 
     def take_metrics(self) -> dict[str, float]:
         metrics, self.metrics = self.metrics, {}
@@ -192,7 +208,7 @@ class RepBend(RR):
 
     def __init__(self, config: RRConfig) -> None:
         super().__init__(config)
-        self._refusal_ids: list[list[int]] | None = None
+        self.refusals = RefusalAnswers(end_of_turn=False)
 
     def harmful_layers(self, num_blocks: int) -> list[int]:
         # Default: the paper's "layer 20 to the last" of Llama-3-8B's 32 blocks, as a fraction of the depth.
@@ -232,7 +248,7 @@ class RepBend(RR):
         self.metrics["repbend_safe_l2"] = safe.item()
         if config.repbend_kl_weight > 0:
             real = mask.bool()
-            head = unwrap(trainer.model).get_output_embeddings()
+            head = lm_head(trainer)
             final = entries[-1]  # the final-norm entry: what the LM head reads
             with torch.no_grad():
                 orig_logits = head(orig[final][real])
@@ -246,8 +262,8 @@ class RepBend(RR):
         reading the same prompt followed by a refusal (one of the project's refusal styles per item), over the
         K = repbend_refusal_tokens positions from the last prompt token (fewer where a response is shorter)."""
         config, layers = self.config, trainer.target_layers
-        paired = [self._with_refusal(trainer, index) for index in batch.indices]
-        refusal_batch = make_batch(trainer.collator, paired, list(range(len(paired))), trainer.device)
+        paired = self.refusals.items(trainer, batch.indices, config.repbend_refusal_tokens - 1)
+        refusal_batch = self.refusals.batch(trainer, paired)
         orig = trainer._hidden_states(refusal_batch.inputs, layers, frozen=True)
         width = min(batch.width, refusal_batch.width)
         window = torch.zeros(len(paired), width, dtype=torch.bool, device=trainer.device)
@@ -259,18 +275,97 @@ class RepBend(RR):
         return losses.retain_loss({l: lora[l][:, :width] for l in layers}, {l: orig[l][:, :width] for l in layers},
                                   window, layers, normalization="masked_mean", relative=self.relative)
 
-    def _with_refusal(self, trainer, index: int):
-        """Circuit-breaker item `index` with its response replaced by the first K - 1 tokens of a refusal."""
-        if self._refusal_ids is None:
+
+class Refusal(RR):
+    """Refusal-only fine-tuning, the classic baseline (docs/method-notes.md): on circuit-breaker batches the
+    token-mean cross-entropy of a refusal to each request (one of the project's refusal styles, whole, and the
+    end of the turn), on retain batches that of the items' own responses (the built-in retain sets are the
+    model's own answers, so this is ordinary SFT toward what it already says). Constant weights refusal_weight
+    and refusal_retain_weight (the log's c_s and c_r; rerouting_loss and retain_loss are the two
+    cross-entropies, unweighted).
+
+    LoRA as RR's, on blocks 0..max(target_layers); the loss reads the logits, so every block is kept. The logged
+    cosines are diagnostics only: to the original model's states at the target layers, on the harmful requests'
+    prompt tokens (the refusal items share them with the circuit-breaker items) and on the retain tokens."""
+
+    name = "refusal"
+    keeps_every_block = True
+
+    def __init__(self, config: RRConfig) -> None:
+        super().__init__(config)
+        self.refusals = RefusalAnswers(end_of_turn=True)
+
+    def coefficients(self, step: int) -> tuple[float, float]:
+        return self.config.refusal_weight, self.config.refusal_retain_weight
+
+    def harmful_terms(self, trainer, batch: Batch, orig=None) -> tuple[torch.Tensor, dict[int, float]]:
+        """(the refusals' cross-entropy, {target layer: mean cosine to the original over the requests' tokens})."""
+        layers, final = trainer.target_layers, trainer.retain_entries[-1]
+        orig = orig if orig is not None else trainer._frozen(batch, layers, trainer.cb_cache)
+        refusal = self.refusals.batch(trainer, self.refusals.items(trainer, batch.indices))
+        lora = trainer._trained(refusal, sorted({*layers, final}))
+        loss = losses.response_cross_entropy(lora[final], lm_head(trainer), refusal.inputs["input_ids"],
+                                             refusal.response_mask)
+        # The prompt positions are the same tokens in both batches (causal attention, right padding).
+        width = min(batch.width, refusal.width)
+        requests = prompt_positions(refusal)[:, :width, 0]
+        return loss, losses.layer_cosines({l: lora[l][:, :width] for l in layers},
+                                          {l: orig[l][:, :width] for l in layers}, requests, layers)
+
+    def retain_terms(self, trainer, batch: Batch, orig=None) -> tuple[torch.Tensor, float]:
+        """(the responses' cross-entropy, mean cosine to the original at the target layers over the real tokens)."""
+        layers, final = trainer.target_layers, trainer.retain_entries[-1]
+        if orig is None:  # the cosine needs the target layers only; a cache holds every entry (as RR's)
+            cache = trainer.retain_cache
+            orig = trainer._frozen(batch, trainer.retain_entries if cache is not None else layers, cache)
+        lora = trainer._trained(batch, sorted({*layers, final}))
+        loss = losses.response_cross_entropy(lora[final], lm_head(trainer), batch.inputs["input_ids"],
+                                             batch.response_mask)
+        return loss, losses.mean_cosine(lora, orig, batch.attention_mask, layers)
+
+
+class RefusalAnswers:
+    """Circuit-breaker items answered by the project's refusal styles (`data.builtin.refusal_texts`): item i gets
+    style i mod n, tokenised once. Shared by RepBend's eta term (the first K - 1 tokens, no end of turn) and the
+    refusal baseline (the whole refusal and the chat template's end of the assistant turn, as the data's
+    refusal items are written). A refusal is cut where the item would pass max_length."""
+
+    def __init__(self, end_of_turn: bool) -> None:
+        self.end_of_turn = end_of_turn
+        self._ids: list[list[int]] | None = None
+
+    def ids(self, trainer, index: int) -> list[int]:
+        """The refusal answering circuit-breaker item `index`, as token ids."""
+        if self._ids is None:
+            from ..data import ChatFormatter
             from ..data.builtin import refusal_texts
-            self._refusal_ids = [trainer.tokenizer(text, add_special_tokens=False)["input_ids"]
-                                 for text in refusal_texts()]
-        item = trainer.cb_items[index]
-        refusal = self._refusal_ids[index % len(self._refusal_ids)][:self.config.repbend_refusal_tokens - 1]
-        return dataclasses.replace(item, input_ids=tuple(item.input_ids[:item.response_start]) + tuple(refusal))
+
+            def tokenize(text: str) -> list[int]:
+                return list(trainer.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+            end = []
+            if self.end_of_turn:  # what the template writes after an assistant message, e.g. "<|im_end|>\n"
+                end = tokenize(ChatFormatter(trainer.tokenizer, trainer.config.max_length).end_of_turn)
+            self._ids = [tokenize(text) + end for text in refusal_texts()]
+        return self._ids[index % len(self._ids)]
+
+    def items(self, trainer, indices: list[int], tokens: int | None = None) -> list:
+        """Circuit-breaker items `indices` with their responses replaced by (the first `tokens` of) their refusals."""
+        paired = []
+        for index in indices:
+            item = trainer.cb_items[index]
+            room = trainer.config.max_length - item.response_start
+            refusal = self.ids(trainer, index)[:room if tokens is None else min(tokens, room)]
+            paired.append(dataclasses.replace(item, input_ids=tuple(item.input_ids[:item.response_start])
+                                              + tuple(refusal)))
+        return paired
+
+    @staticmethod
+    def batch(trainer, items: list) -> Batch:
+        return make_batch(trainer.collator, items, list(range(len(items))), trainer.device)
 
 
-METHODS = {method.name: method for method in (RR, RRLat, RepBend)}
+METHODS = {method.name: method for method in (RR, RRLat, RepBend, Refusal)}
 
 
 def make_method(config: RRConfig) -> RR:

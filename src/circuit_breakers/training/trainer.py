@@ -6,8 +6,8 @@ LoRA adapter disabled (the "original" model: the same weights, never a second co
 gradients, both through the decoder only (no LM head) and keeping only the hidden states the losses
 need. Then `c_s(t) * L_s + c_r(t) * L_r` is minimised with AdamW; t counts optimizer steps.
 
-`config.method` chooses what the two losses are (methods.py): rr (the above), repbend or rr_lat; the
-loop and the passes are the same for all three.
+`config.method` chooses what the two losses are (methods.py): rr (the above), repbend, rr_lat or refusal
+(refusal-only fine-tuning, the classic baseline); the loop and the passes are the same for all.
 
 The parts, each in its own module: LoRA set-up and saving (lora.py), batches and model inputs
 (batches.py), the frozen-state cache (frozen_cache.py), activation checkpointing (memory.py),
