@@ -54,14 +54,15 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from circuit_breakers.multimodal import images as draw  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts"))
+import make_multimodal_sets as builtin_sets  # noqa: E402
+
 DATA = ROOT / "src" / "circuit_breakers" / "data" / "builtin" / "multimodal"
 OUT = ROOT / "runs" / "graft"
 CATEGORIES = ("colour", "count", "shape", "reading", "object", "label", "position")
-QUESTION_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "black", "pink")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-BENIGN_OBJECTS = ("apple", "house", "car", "tree", "sun", "cup", "book", "umbrella", "clock", "fish", "key",
-                  "envelope", "padlock", "bicycle", "bag", "camera", "battery", "laptop", "phone", "mushroom")
-NATURAL_COLOURS = {"apple": "red", "tree": "green", "sun": "yellow", "mushroom": "red", "fish": "blue"}
+# The built-in set's vocabulary and phrasings (scripts/make_multimodal_sets.py), so training matches its style.
+QUESTION_COLOURS, NUMBER_WORDS = builtin_sets.QUESTION_COLOURS, builtin_sets.NUMBER_WORDS
+BENIGN_OBJECTS, NATURAL_COLOURS = builtin_sets.BENIGN_OBJECTS, builtin_sets.NATURAL_COLOURS
 LABEL_OBJECTS = ("bottle", "jar", "book", "box", "poster", "laptop", "phone", "newspaper", "speech bubble", "document")
 # Words for signs and labels (this script's own list, plus the built-in train-split sign/label words).
 WORDS = ("LIBRARY", "BAKERY", "MUSEUM", "STATION", "WELCOME", "PARKING", "MARKET", "THEATRE", "ZOO", "BRIDGE",
@@ -74,29 +75,18 @@ WORDS = ("LIBRARY", "BAKERY", "MUSEUM", "STATION", "WELCOME", "PARKING", "MARKET
          "HELLO WORLD", "THANK YOU", "HAPPY BIRTHDAY", "SEE YOU", "WELL DONE", "GOOD NIGHT", "LUNCH", "DINNER",
          "PICNIC", "SPORTS", "NEWS", "WEATHER", "TRAVEL", "GARAGE", "KITCHEN", "OFFICE", "STUDIO", "FACTORY",
          "AIRPORT", "TUNNEL", "NORTH", "SOUTH", "EAST", "WEST", "CENTRE", "ARENA", "STADIUM SHOP", "DENTIST")
-PHRASINGS = {  # (training phrasings: the built-in train phrasings + this script's own, test phrasing)
-    "colour": (("What colour is the {shape} in this picture?", "Which colour is the {shape} in the image?",
-                "What is the colour of the {shape}?", "The {shape} in this image: what colour is it?"),
-               "Tell me the colour of the {shape} shown here."),
-    "count": (("How many {shape}s are in this picture?", "Count the {shape}s in the image. How many are there?",
-               "How many {shape}s can you see?", "Count the {shape}s."),
-              "What is the number of {shape}s shown here?"),
-    "shape": (("What shape is drawn in this picture?", "Which geometric shape does the image show?",
-               "What shape is this?", "Which shape is in the image?"),
-              "Name the shape in this image."),
-    "reading": (("What word is written on the sign?", "Read out the text on the sign in this picture.",
-                 "What is written on this sign?", "Read the sign."),
-                "What does the sign in the image say?"),
-    "object": (("What object is shown in this picture?", "What is drawn in this image?",
-                "What is this object?", "What does the picture show?"),
-               "Name the object in the picture with one or two words."),
-    "label": (("What is written on the {object}?", "Read the label on the {object} in this image.",
-               "What does the {object} say?", "Read the text on the {object}."),
-              "What text appears on the {object} shown?"),
-    "position": (("Which shape is on the left, the {a} or the {b}?", "Which shape is on the right, the {a} or the {b}?",
-                  "Is the {a} or the {b} on the left?", "Is the {a} or the {b} on the right?"),
-                 "Of the {a} and the {b}, which one is further left in the picture?"),
+OWN_PHRASINGS = {  # this script's training phrasings beside the built-in set's two train ones
+    "colour": ("What is the colour of the {shape}?", "The {shape} in this image: what colour is it?"),
+    "count": ("How many {shape}s can you see?", "Count the {shape}s."),
+    "shape": ("What shape is this?", "Which shape is in the image?"),
+    "reading": ("What is written on this sign?", "Read the sign."),
+    "object": ("What is this object?", "What does the picture show?"),
+    "label": ("What does the {object} say?", "Read the text on the {object}."),
+    "position": ("Is the {a} or the {b} on the left?", "Is the {a} or the {b} on the right?"),
 }
+# kind -> (training phrasings: the built-in train phrasings + this script's own, the test phrasing)
+PHRASINGS = {kind: (train_and_test[:2] + OWN_PHRASINGS[kind], train_and_test[2])
+             for kind, train_and_test in builtin_sets.PHRASINGS.items()}
 RIGHT_PHRASINGS = {1, 3}  # position training phrasings that ask for the right-hand shape
 CHANCE = {"colour": 1 / 8, "count": 1 / 7, "shape": 1 / 6, "position": 1 / 2, "object": 1 / 20,
           "reading": 0.0, "label": 0.0}

@@ -166,12 +166,13 @@ def test_rr_lat_under_activation_checkpointing_trains_as_without(chat_tokenizer)
         assert torch.allclose(weights[1][name], value, atol=1e-6, rtol=1e-4), name
 
 
-# ---------------------------------------------------------------- both methods
+# ---------------------------------------------------------------- every method beside RR
 
 
 @pytest.mark.parametrize("method, settings", [
     ("repbend", dict(repbend_refusal_weight=1.0)),
     ("rr_lat", dict(lat_layers=[1], lat_steps=2)),
+    ("refusal", dict(target_layers=[3])),
 ])
 def test_only_lora_parameters_change(chat_tokenizer, method, settings):
     model = make_tiny_model("qwen2", vocab_size=len(chat_tokenizer))
@@ -309,18 +310,12 @@ def test_refusal_step_one_losses_equal_the_direct_computation(chat_tokenizer, ki
     assert record["cb_cos"] == pytest.approx(1.0, abs=1e-6) and record["retain_cos"] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_refusal_trains_only_lora_parameters(chat_tokenizer):
+def test_refusal_keeps_every_block_with_lora_up_to_the_target_layer(chat_tokenizer):
+    """(That only LoRA parameters change: test_only_lora_parameters_change.)"""
     model = make_tiny_model("qwen2", vocab_size=len(chat_tokenizer))
     trainer = tiny_trainer(model, chat_tokenizer, steps=2, method="refusal", target_layers=[3])
     assert trainer.dropped is None  # the logits need every block, though LoRA stops at block 3
-    params = dict(trainer.model.named_parameters())
-    assert {n for n, p in params.items() if p.requires_grad} == {n for n in params if "lora_" in n}
     assert {int(n.split(".layers.")[1].split(".")[0]) for n in _lora(trainer)} == {0, 1, 2, 3}
-    base = {n: p.detach().clone() for n, p in params.items() if "lora_" not in n}
-    lora = _lora(trainer)
-    trainer.train()
-    assert all(torch.equal(params[n], v) for n, v in base.items())
-    assert any(not torch.equal(params[n], v) for n, v in lora.items())
 
 
 def test_refusal_a_few_steps_lower_the_loss_and_raise_the_refusals_likelihood(chat_tokenizer):

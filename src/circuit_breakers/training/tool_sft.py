@@ -36,6 +36,7 @@ from torch import nn
 
 from ..atomic import atomic_directory
 from ..data import ChatFormatter, Example, TokenizedExample, collate, tokenize_examples
+from ..losses import response_cross_entropy
 from ..models import ModelError, find_architecture, unwrap
 from ..tools.forcing import call_opening
 from .lora import resolve_lora_targets
@@ -166,10 +167,7 @@ def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     base = unwrap(model)
     decoder = find_architecture(base).decoder
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    # Position t predicts token t+1: a response token's loss sits on the position before it.
-    predicts = batch["response_mask"][:, 1:]
-    logits = base.get_output_embeddings()(hidden[:, :-1][predicts])
-    return nn.functional.cross_entropy(logits.float(), batch["input_ids"][:, 1:][predicts])
+    return response_cross_entropy(hidden, base.get_output_embeddings(), batch["input_ids"], batch["response_mask"])
 
 
 def _length_grouped_batches(items: Sequence[TokenizedExample], batch_size: int, rng: random.Random):
