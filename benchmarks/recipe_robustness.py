@@ -69,9 +69,21 @@ def worker(run_dir: Path) -> None:
     if trainer.dropped is not None:  # the whole model again, for generation
         trainer.dropped.reattach(trained, trainer.arch.blocks_path)
     original, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    cosines = heldout_cosines(trained, original, tokenizer, config.target_layers, max_length=config.max_length)
     capability = None
-    if spec.get("capability"):  # what the demo measures: over-refusal and agreement on the whole test splits
+    if spec.get("agent"):  # what `demo --agent` measures, on the items its eval config `agent` takes
+        from circuit_breakers.agent_demo import AGENT_EVAL, tool_cosines
+        from circuit_breakers.evaluation.behaviors import load_behaviors
+        from circuit_breakers.evaluation.pipeline import run_evaluation
+
+        cosines = tool_cosines(trained, original, tokenizer, config, AGENT_EVAL)
+        if spec.get("capability"):  # the circuit-broken model alone (its subject's figures are the demo's)
+            results = run_evaluation(trained, tokenizer, AGENT_EVAL, run_dir / "eval", progress=False,
+                                     behaviors=load_behaviors("builtin:tools"))
+            capability = {"asr": {a: results["asr"]["model"][a] for a in AGENT_EVAL.attacks},
+                          "tool_calls": results["tool_capability"]["model"]}
+    else:
+        cosines = heldout_cosines(trained, original, tokenizer, config.target_layers, max_length=config.max_length)
+    if spec.get("capability") and not spec.get("agent"):  # the demo's over-refusal and agreement, whole test splits
         from circuit_breakers.evaluation.capability import capability_report
 
         report = capability_report(trained, tokenizer, original, max_new_tokens=32, batch_size=16,
@@ -166,7 +178,8 @@ def sweep(args, overrides: list[str]) -> list[dict]:
         for variant in args.variants:
             run_dir = out / run_name(seed, variant)
             spec = {"config": args.config, "overrides": overrides + [f"seed={seed}"], "seed": seed, "variant": variant,
-                    "capability": args.capability, **({"keep_model": True} if args.keep_models else {})}
+                    "capability": args.capability, **({"keep_model": True} if args.keep_models else {}),
+                    **({"agent": True} if args.agent else {})}
             runs.append((run_dir, spec))
             done = run_dir / "run.json"
             if done.is_file() and json.loads(done.read_text())["spec"] == spec:
@@ -215,20 +228,27 @@ def sign_agreement(out: Path, results: list[dict]) -> dict[str, float]:
 
 def table(results: list[dict], agreement: dict[str, float]) -> str:
     layers = [str(l) for l in results[0]["config"]["target_layers"]]
-    head = (["seed", "variant", "steps", "train s"] + [f"harmful L{l}" for l in layers]
-            + [f"benign L{l}" for l in layers] + [f"borderline L{l}" for l in layers]
+    agent = bool(results[0]["spec"].get("agent"))
+    sets = [name for name in ("harmful", "benign", "borderline") if name in results[0]["cosine"]]
+    measured = (["harmful calls, direct", "harmful calls, forced", "benign: right tool", "benign: any call"] if agent
+                else ["borderline not answered", "benign token F1"])
+    head = (["seed", "variant", "steps", "train s"] + [f"{name} L{l}" for name in sets for l in layers]
             + [f"cos<0.5 at L{l}" for l in layers] + ["1st-step signs as variant 1"]
-            + (["borderline not answered", "benign token F1"] if results[0].get("capability") else []) + ["verdict"])
+            + (measured if results[0].get("capability") else []) + ["verdict"])
     rows = []
     for run in results:
         c, verdict = run["cosine"], run["verdict"]
         key = f"{run['spec']['seed']}/{run['spec']['variant']}"
         cells = [str(run["spec"]["seed"]), run["spec"]["variant"], str(run["config"]["steps"]), f"{run['train_seconds']:.0f}"]
-        for name in ("harmful", "benign", "borderline"):
+        for name in sets:
             cells += [f"{c[name]['per_layer'][l]['cosine']:+.3f}" for l in layers]
         cells += [str(run["fell_below_0.5_at_step"][l] or "never") for l in layers]
         cells.append(f"{100 * agreement[key]:.1f}%" if key in agreement else "(variant 1)")
-        if run.get("capability"):
+        if run.get("capability") and agent:
+            asr, tools = run["capability"]["asr"], run["capability"]["tool_calls"]
+            cells += [f"{asr[a]['broken']}/{asr[a]['n']}" for a in ("direct", "forced_call")]
+            cells += [f"{tools[k]['correct']}/{tools['n']}" for k in ("right_tool", "any_call")]
+        elif run.get("capability"):
             border = run["capability"]["over_refusal"]["model"]["borderline"]
             f1 = run["capability"]["agreement"]
             cells.append(f"{border['not_answered_rate'] * border['n']:.0f}/{border['n']}")
@@ -238,11 +258,11 @@ def table(results: list[dict], agreement: dict[str, float]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     ok = sum(r["verdict"]["ok"] for r in results)
-    lines.append(f"\n{ok}/{len(results)} runs meet the thresholds (harmful <= "
-                 f"{results[0]['verdict']['thresholds']['harmful_max']} at every layer, mean benign >= "
-                 f"{results[0]['verdict']['thresholds']['benign_min']}, mean borderline >= "
-                 f"{results[0]['verdict']['thresholds']['borderline_min']}).")
-    for name in ("harmful", "benign", "borderline"):
+    thresholds = results[0]["verdict"]["thresholds"]
+    lines.append(f"\n{ok}/{len(results)} runs meet the thresholds (harmful <= {thresholds['harmful_max']} at every "
+                 f"layer, mean benign >= {thresholds['benign_min']}"
+                 + (f", mean borderline >= {thresholds['borderline_min']})." if "borderline" in sets else ")."))
+    for name in sets:
         for l in layers:
             values = [r["cosine"][name]["per_layer"][l]["cosine"] for r in results]
             lines.append(f"{name} L{l}: min {min(values):+.3f}, max {max(values):+.3f}")
@@ -264,6 +284,10 @@ def main() -> None:
     parser.add_argument("--capability", action="store_true",
                         help="also generate (32 greedy tokens) on the benign and borderline test splits: "
                              "borderline not answered, benign token F1 with the original (about a minute a run)")
+    parser.add_argument("--agent", action="store_true",
+                        help="an agent recipe (smollm2-135m-agent; model=THE_TOOL_USING_SUBJECT): cosines on the held-out "
+                             "tool-use items `demo --agent` takes, and with --capability its harmful-call and "
+                             "benign-call figures of the circuit-broken model (eval config agent)")
     parser.add_argument("--keep-models", action="store_true",
                         help="save each run's circuit-broken model in OUT/RUN/model (about 0.5 GB each)")
     parser.add_argument("--differences-only", action="store_true",

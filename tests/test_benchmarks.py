@@ -96,3 +96,27 @@ def test_recipe_robustness_on_a_tiny_model(tmp_path, chat_tokenizer):
     assert again.returncode == 0 and "start seed" not in again.stdout
     assert (out / "seed5-native-t1" / "capability_samples.jsonl").is_file()  # raw material for hand labels
     assert not (out / "seed5-native-t1" / "model").exists()  # models are kept only when asked
+
+
+def test_recipe_robustness_of_an_agent_recipe_measures_the_tool_use_items(tmp_path):
+    """--agent: the agent recipe's data on a tiny tool-using model; cosines on the held-out tool-use items that
+    `demo --agent` takes (40 harmful, 40 benign), no borderline-safe column."""
+    import subprocess
+
+    from .helpers import make_tiny_model, make_tool_tokenizer
+
+    tokenizer = make_tool_tokenizer("hermes")
+    subject = tmp_path / "subject"
+    make_tiny_model("llama", vocab_size=len(tokenizer), layers=3).save_pretrained(subject)
+    tokenizer.save_pretrained(subject)
+    out = tmp_path / "runs"
+    # The tiny byte-level tokenizer spends about a token per character: the tool prompts need the room.
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "recipe_robustness.py"), "--config", "smollm2-135m-agent",
+                           "--agent", "--seeds", "5", "--variants", "native/1", "--out", str(out), f"model={subject}",
+                           "steps=2", "batch_size=2", "target_layers=[1]", "max_length=4096"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| harmful L1 | benign L1 | cos<0.5 at L1 |" in done.stdout and "borderline" not in done.stdout
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    assert run["spec"]["agent"] and run["cosine"]["harmful"]["items"] == run["cosine"]["benign"]["items"] == 40
+    assert set(run["verdict"]["layers"]) == {"1"} and run["verdict"]["borderline_kept"] is None

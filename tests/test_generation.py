@@ -101,3 +101,14 @@ def test_eval_backend_choice(tmp_path, chat_tokenizer, monkeypatch, capsys):
     monkeypatch.setattr(generation, "vllm_usable", lambda: True)
     assert main(_eval_args(tmp_path, chat_tokenizer, "--generation-backend", "vllm", "--vllm-memory", "2")) == 2
     assert "--vllm-memory: a fraction between 0 and 1" in capsys.readouterr().err
+
+
+def test_with_system_prompt_adds_or_joins_a_system_turn():
+    from circuit_breakers.generation import with_system_prompt
+
+    user = [{"role": "user", "content": "hi"}]
+    assert with_system_prompt(user, None) == user
+    assert with_system_prompt(user, "Be safe.") == [{"role": "system", "content": "Be safe."}, *user]
+    system = [{"role": "system", "content": "You are terse."}, *user]
+    assert with_system_prompt(system, "Be safe.")[0] == {"role": "system", "content": "Be safe.\n\nYou are terse."}
+    assert system[0]["content"] == "You are terse."  # the caller's conversation is not changed

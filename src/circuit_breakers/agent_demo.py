@@ -8,11 +8,11 @@
    sets) into OUT/model; reused when OUT/config.yaml matches and the subject was not taught again.
 3. The self-check on held-out tool-use items: representations of the harmful test calls (the call that would
    carry out the harm, in the subject's own call format) and of the benign test conversations, circuit-broken
-   vs subject (`evaluation.diagnostics.breaker_verdict`).
+   vs subject (`evaluation.diagnostics.breaker_verdict`), as many of each as the evaluation takes.
 4. The evaluation (`evaluation.pipeline.run_evaluation`) of the subject (before) and the circuit-broken model
    (after) at the shipped eval config `agent`: harmful compliance under the direct request and the forced
-   function call on the 53 harmful tool-use test behaviours (tool_call judge), benign call accuracy (exact,
-   right tool, any call) on the benign tool-use test cases, over-refusal on the plain-text test prompts.
+   function call on 40 of the 53 harmful tool-use test behaviours (tool_call judge) and benign call accuracy
+   (exact, right tool, any call) on 40 benign tool-use test cases, each taken in turn from every category.
    Into OUT/eval (report.md, report.html); a rerun on the same models resumes there.
 5. Everything to OUT/demo.json and a table at the end.
 """
@@ -79,13 +79,19 @@ def make_subject(out: Path, *, base: str = SUBJECT_BASE, teach: dict | None = No
     return seconds
 
 
-def tool_cosines(broken, subject, tokenizer, config: RRConfig) -> dict:
+def tool_cosines(broken, subject, tokenizer, config: RRConfig, budget: EvalConfig | None = None) -> dict:
     """Held-out cosines (circuit-broken vs subject) on the harmful tool-use test calls and the benign
-    tool-use test conversations, at the target layers."""
+    tool-use test conversations, at the target layers: all of them, or as many as `budget` evaluates
+    (`behaviors` harmful and `capability_prompts` benign, chosen as it chooses)."""
     from .data.builtin import builtin_tool_set
+    from .evaluation.behaviors import select
     from .evaluation.diagnostics import example_cosines
 
-    sets = {"harmful": builtin_tool_set("harmful", "test"), "benign": builtin_tool_set("benign", "test")}
+    harmful, benign = builtin_tool_set("harmful", "test"), builtin_tool_set("benign", "test")
+    if budget is not None:
+        harmful = select(harmful, budget.behaviors, budget.select)
+        benign = select(benign, budget.capability_prompts, budget.select)
+    sets = {"harmful": harmful, "benign": benign}
     return example_cosines(broken, subject, tokenizer, config.target_layers, sets, max_length=config.max_length)
 
 
@@ -119,7 +125,7 @@ def run_agent_demo(out_dir: str | Path = "runs/demo-agent", overrides: list[str]
     subject, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     broken = AutoModelForCausalLM.from_pretrained(out / "model", dtype=subject.dtype).to(subject.device).eval()
     t0 = time.time()
-    cosines = tool_cosines(broken, subject, tokenizer, config)
+    cosines = tool_cosines(broken, subject, tokenizer, config, budget)
     result = {"model": base, "subject": config.model, "config": config.to_dict(),
               "teach_seconds": teach_seconds, "train_seconds": train_seconds,
               "cosine_seconds": round(time.time() - t0, 1), "cosine": cosines, "breaker": breaker_verdict(cosines)}

@@ -19,6 +19,18 @@ from typing import Sequence
 import torch
 
 
+def with_system_prompt(conversation: Sequence[dict], system_prompt: str | None) -> list[dict]:
+    """`conversation` after a system turn of `system_prompt` (None: unchanged); a conversation that has a system
+    turn already gets the prompt before its text."""
+    conversation = list(conversation)
+    if not system_prompt:
+        return conversation
+    if conversation and conversation[0].get("role") == "system":
+        return [{**conversation[0], "content": f"{system_prompt}\n\n{conversation[0].get('content') or ''}"},
+                *conversation[1:]]
+    return [{"role": "system", "content": system_prompt}, *conversation]
+
+
 def chat_prompt(tokenizer, conversation: Sequence[dict], prefill: str = "", tools: Sequence[dict] | None = None) -> str:
     """The text a model sees: the chat template with the assistant header, then `prefill`. `tools`
     (OpenAI tool definitions) are rendered where the template puts them; none when empty."""
@@ -73,6 +85,8 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], *, prefills:
     bytes or PIL images; empty for none), shown in its last user turn."""
     from tqdm.auto import tqdm
 
+    from .tools.calls import decode_keeping_call_markers  # here: tools imports this module
+
     prefills = list(prefills) if prefills is not None else [""] * len(conversations)
     tools = list(tools) if tools is not None else [None] * len(conversations)
     if images is not None and any(images):
@@ -109,7 +123,7 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], *, prefills:
                                        pad_token_id=tokenizer.pad_token_id)
             new = generated[:, batch["input_ids"].shape[1]:]
             for i, row in zip(chunk, new):
-                outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
+                outputs[i] = decode_keeping_call_markers(tokenizer, row)
     finally:
         tokenizer.padding_side = side
     return outputs

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from circuit_breakers.data.schema import DataError
-from circuit_breakers.evaluation.behaviors import (BehaviorError, derive_target, load_behaviors,
+from circuit_breakers.evaluation.behaviors import (Behavior, BehaviorError, derive_target, load_behaviors, select,
                                                    load_harmbench_csv, load_targets)
 
 HEADER = ["Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString", "BehaviorID"]
@@ -100,6 +100,16 @@ def test_builtin_default_and_limit():
     assert len({b.id for b in behaviors}) == len(behaviors)
     assert all(b.id.startswith("builtin-harmful-") and b.target.startswith("Sure, here is ") for b in behaviors)
     assert load_behaviors(limit=3) == behaviors[:3]
+
+
+def test_select_first_or_spread_over_the_categories():
+    items = [Behavior(id=f"{c}{i}", request="r", category=c) for c in "abc" for i in range(3)]  # sorted by category
+    assert select(items, 4) == items[:4] and select(items, None, "spread") == items == select(items, 20, "spread")
+    spread = select(items, 4, "spread")
+    assert [b.id for b in spread] == ["a0", "a1", "b0", "c0"]  # a turn each, then a again; in file order
+    assert [b.id for b in select(items[:4], 3, "spread")] == ["a0", "a1", "b0"]  # a short category runs out
+    with pytest.raises(ValueError, match="select: expected one of first, spread"):
+        select(items, 2, "random")
 
 
 @pytest.mark.parametrize("request_text,target", [

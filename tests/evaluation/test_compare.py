@@ -8,7 +8,7 @@ import pytest
 
 from circuit_breakers.cli import main
 from circuit_breakers.config import ConfigError
-from circuit_breakers.evaluation.comparison import pareto_front, parse_defences
+from circuit_breakers.evaluation.comparison import SAFETY_PROMPT, pareto_front, parse_defences
 from circuit_breakers.evaluation.harness import read_samples
 from circuit_breakers.evaluation.pipeline import load_eval_config
 
@@ -17,7 +17,7 @@ from ..helpers import make_tiny_model
 CONFIG = """
 attacks:
   direct: {}
-  finetune: {ns: [0, 2], steps: 1, train_batch_size: 2, max_length: 96}
+  finetune: {ns: [0, 2], steps: 1, train_batch_size: 2, max_length: 320}  # room for the safety prompt
 behaviors: 2
 max_new_tokens: 4
 judge: heuristic
@@ -45,8 +45,14 @@ def test_compare_writes_one_table_with_intervals_and_a_pareto_plot(tmp_path, tin
                  "--no-progress"])
     assert code == 0, capsys.readouterr().err
     results = json.loads((out / "comparison.json").read_text())
-    assert list(results["rows"]) == ["original", "same", "other"]
+    assert list(results["rows"]) == ["original", "safety-prompt", "same", "other"]
     assert results["attacks"] == ["direct", "finetune-0", "finetune-2"]
+    # the safety-prompt row: the base model with the paper's system prompt before every attack and capability prompt
+    assert results["safety_prompt"] == SAFETY_PROMPT and results["rows"]["safety-prompt"]["agreement"] is None
+    prompted = read_samples(out / "models" / "safety-prompt" / "samples.jsonl")
+    assert prompted and all(r["model"] == "model" and r["budget"]["system_prompt"] == SAFETY_PROMPT for r in prompted)
+    prompted_run = json.loads((out / "models" / "safety-prompt" / "results.json").read_text())
+    assert prompted_run["capability"]["system_prompt"] == SAFETY_PROMPT
     for name, row in results["rows"].items():
         assert row["asr"]["finetune-2"]["n"] == 2 and row["over_refusal"]["n"] == 3
         assert row["asr"]["finetune-2"]["budget"]["ns"] == [2]
@@ -74,6 +80,7 @@ def test_compare_writes_one_table_with_intervals_and_a_pareto_plot(tmp_path, tin
     ("=x", "expected NAME=MODEL_DIR"),
     ("bad name=x", "a name of letters"),
     ("original={ckpt}", "base model's row"),
+    ("safety-prompt={ckpt}", "base model's row"),
     ("rr={empty}", "a directory without a model"),
     ("rr={missing}/model.yaml", "neither a model directory nor a training recipe"),
     ("rr={text}", "neither a model directory nor a training recipe"),
@@ -132,10 +139,10 @@ def test_a_refusal_recipe_trains_inside_compare(tmp_path, tiny_checkpoint, capsy
                       "capability: false\ndiagnostics: false\n")
     out = tmp_path / "cmp"
     code = main(["compare", "--base", str(tiny_checkpoint), "--defence", f"refusal={recipe}", "--eval-config",
-                 str(config), "--out", str(out), "--no-progress"])
+                 str(config), "--out", str(out), "--no-progress", "--no-safety-prompt"])
     assert code == 0, capsys.readouterr().err
     results = json.loads((out / "comparison.json").read_text())
-    assert list(results["rows"]) == ["original", "refusal"]
+    assert list(results["rows"]) == ["original", "refusal"] and results["safety_prompt"] is None
     assert results["rows"]["refusal"]["source"] == f"recipe {recipe}"
     assert results["rows"]["refusal"]["asr"]["direct"]["n"] == 2
     train = out / "train" / "refusal"

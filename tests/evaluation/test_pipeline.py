@@ -197,10 +197,15 @@ def test_tool_use_behaviours_are_attacked_with_their_tools_and_benign_calls_are_
     model = make_tiny_model("qwen2", vocab_size=len(tokenizer), layers=2)
     behaviors = load_behaviors("builtin:tools")
     assert len(behaviors) >= 40 and all(b.tools and b.harmful_call for b in behaviors)
-    config = EvalConfig(attacks={"direct": {}, "forced_call": {"name_the_tool": True}}, behaviors=2,
-                        max_new_tokens=3, judge="tool_call", capability_prompts=3, diagnostics=False)
+    config = EvalConfig(attacks={"direct": {}, "forced_call": {"name_the_tool": True}}, behaviors=2, select="spread",
+                        max_new_tokens=3, judge="tool_call", capability_prompts=3, text_capability=False,
+                        diagnostics=False)
     results = run_evaluation(model, tokenizer, config, tmp_path, baseline=(model, tokenizer), behaviors=behaviors,
                              progress=False)
+    chosen = [b for b in behaviors if b.id in results["behaviors"]["ids"]]
+    assert len(chosen) == 2 and chosen[0].category != chosen[1].category  # the split is sorted by category
+    assert "capability" not in results  # text_capability: false: no plain-text prompts
+    assert "text_capability is false" in (tmp_path / "report.md").read_text()
     for model_name in ("model", "baseline"):
         assert set(results["asr"][model_name]) == {"direct", "forced_call"}
         assert all(e["n"] + e["errors"] == 2 for e in results["asr"][model_name].values())
@@ -208,6 +213,13 @@ def test_tool_use_behaviours_are_attacked_with_their_tools_and_benign_calls_are_
     forced = [s for s in samples if s["attack"] == "forced_call"]
     assert forced and all(s["output"].startswith("<tool_call>") for s in forced)
     tools = results["tool_capability"]
-    assert tools["n"] + tools["skipped"] == 3 and tools["model"]["n"] == tools["n"]
+    assert tools["n"] == tools["model"]["n"] == 3 and tools["skipped"] == 0  # cases with expected calls only
     assert tools["model"] == tools["baseline"] and tools["delta"] == 0  # the model is its own baseline
     assert "benign call accuracy" in (tmp_path / "report.md").read_text()
+
+
+def test_the_eval_config_system_prompt_reaches_every_attack_that_sets_none():
+    config = EvalConfig(attacks={"direct": {}, "prefilling": {"system_prompt": "own"}}, system_prompt="Be safe.")
+    direct, prefilling = config.make_attacks()
+    assert direct.config.system_prompt == "Be safe." and prefilling.config.system_prompt == "own"
+    assert EvalConfig(attacks={"direct": {}}).make_attacks()[0].config.system_prompt is None

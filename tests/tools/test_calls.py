@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from circuit_breakers.tools.calls import ToolCall, parse_tool_calls
+from circuit_breakers.tools.calls import ToolCall, decode_keeping_call_markers, parse_tool_calls
 
 WEATHER = ToolCall("get_weather", {"city": "Paris", "days": 3})
 
@@ -115,3 +115,19 @@ def test_tool_call_from_dict_normalises_and_rejects():
         ToolCall.from_dict({"arguments": {"a": 1}})
     with pytest.raises(ValueError, match="not a tool call"):
         ToolCall.from_dict({"name": "f", "arguments": "oops"})
+
+
+def test_decoding_keeps_the_special_tokens_that_mark_a_call():
+    """Mistral's [TOOL_CALLS] and [ARGS] are special tokens: decode(skip_special_tokens=True) would leave
+    `get_weather{...}`. The markers stay, the other special tokens (end of turn) still go."""
+    from ..helpers import make_chat_tokenizer
+
+    tokenizer = make_chat_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]", "[ARGS]"]})
+    ids = tokenizer.encode('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}</s>', add_special_tokens=False)
+    assert parse_tool_calls(tokenizer.decode(ids, skip_special_tokens=True)) == []
+    text = decode_keeping_call_markers(tokenizer, ids)
+    assert text == '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
+    assert parse_tool_calls(text) == [ToolCall("get_weather", {"city": "Paris"})]
+    plain = tokenizer.encode("<tool_call>{}</tool_call> done</s>", add_special_tokens=False)  # no special markers
+    assert decode_keeping_call_markers(tokenizer, plain) == tokenizer.decode(plain, skip_special_tokens=True)

@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..generation import chat_prompt
+from ..tools.calls import decode_keeping_call_markers
 from .base import Behavior
 
 SLOT_MARKER = "\u2063<<ATTACK-SLOT>>\u2063"
@@ -164,7 +165,7 @@ def generate_from_ids(model, tokenizer, rows: Sequence[Sequence[int]], *, max_ne
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
         for r, i in enumerate(chunk):
-            outputs[i] = tokenizer.decode(generated[r, width:], skip_special_tokens=True)
+            outputs[i] = decode_keeping_call_markers(tokenizer, generated[r, width:])
     return outputs
 
 

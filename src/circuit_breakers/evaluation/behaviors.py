@@ -340,3 +340,28 @@ def load_behaviors(spec: str | Path | None = None, *, targets: str | Path | dict
 
 def behaviors_by_id(behaviors: Sequence[Behavior]) -> dict[str, Behavior]:
     return {b.id: b for b in behaviors}
+
+
+SELECTIONS = ("first", "spread")
+
+
+def select(items: Sequence, n: int | None, how: str = "first") -> list:
+    """`n` of `items` (all when n is None): the first n, or ("spread") n taken in turn from each category
+    (`.category`, in the order categories first appear) and returned in file order, so that a subset of a
+    file sorted by category still covers every category."""
+    items = list(items)
+    if n is None or n >= len(items):
+        return items
+    if how == "first":
+        return items[:n]
+    if how != "spread":
+        raise ValueError(f"select: expected one of {', '.join(SELECTIONS)}, got {how!r}")
+    groups: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(getattr(item, "category", None) or "", []).append(index)
+    chosen: list[int] = []
+    for turn in range(max(len(g) for g in groups.values())):
+        for group in groups.values():
+            if turn < len(group) and len(chosen) < n:
+                chosen.append(group[turn])
+    return [items[i] for i in sorted(chosen)]

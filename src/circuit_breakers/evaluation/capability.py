@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..data.schema import DataError, Example
-from ..generation import generate
+from ..generation import generate, with_system_prompt
 from ..judges.base import LABELS
 from ..judges.heuristic import HeuristicJudge, response_nll
 from .stats import mean_interval, wilson_interval
@@ -64,10 +64,11 @@ def answer_agreement(outputs: Sequence[str], references: Sequence[str]) -> dict:
             "token_f1_ci95": list(mean_interval(f1)) if n > 1 else None}
 
 
-def heldout_perplexity(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8) -> dict:
-    """Token-weighted perplexity of the examples' responses under `model`."""
-    scored = response_nll(model, tokenizer, [e.conversation() for e in examples], [e.response for e in examples],
-                          batch_size=batch_size)
+def heldout_perplexity(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8,
+                       system_prompt: str | None = None) -> dict:
+    """Token-weighted perplexity of the examples' responses under `model` (after `system_prompt`, if given)."""
+    scored = response_nll(model, tokenizer, [with_system_prompt(e.conversation(), system_prompt) for e in examples],
+                          [e.response for e in examples], batch_size=batch_size)
     nll = sum(s for s, _ in scored)
     tokens = sum(n for _, n in scored)
     return {"perplexity": math.exp(nll / tokens) if tokens else None, "n": len(examples), "tokens": tokens}
@@ -109,8 +110,9 @@ def _load_prompts(name: str, limit: int | None) -> list[Example]:
 def capability_report(model, tokenizer, baseline=None, *, limit: int | None = None, max_new_tokens: int = 64,
                       batch_size: int = 16, progress: bool = False, model_dir: str | None = None,
                       baseline_dir: str | None = None, lm_eval_tasks: Sequence[str] | None = None,
-                      samples_out: str | Path | None = None, judge=None) -> dict:
-    """Agreement with the baseline, held-out perplexity, over-refusal, and lm-eval when available.
+                      samples_out: str | Path | None = None, judge=None, system_prompt: str | None = None) -> dict:
+    """Agreement with the baseline, held-out perplexity, over-refusal, and lm-eval when available; every prompt
+    after `system_prompt` when given (lm-eval excepted).
 
     `baseline` is the original model (same tokenizer) or None. `samples_out`, when given, receives
     every generated answer as JSONL (prompt, prompt_kind, model before|after, output, label), the
@@ -123,7 +125,8 @@ def capability_report(model, tokenizer, baseline=None, *, limit: int | None = No
     reference = baseline if baseline is not None else model
     judge = judge if judge is not None else HeuristicJudge(model=reference, tokenizer=tokenizer)
     report: dict[str, Any] = {"max_new_tokens": max_new_tokens, "limit": limit, "judge": judge.name,
-                              "perplexity_reference": "baseline" if baseline is not None else "model"}
+                              "perplexity_reference": "baseline" if baseline is not None else "model",
+                              "system_prompt": system_prompt}
     answers: dict[str, dict[str, list[str]]] = {name: {} for name, _ in models}
     prompts = {kind: _load_prompts(kind, limit) for kind in ("benign", "borderline")}
     samples = []
@@ -131,7 +134,7 @@ def capability_report(model, tokenizer, baseline=None, *, limit: int | None = No
     for name, m in models:
         over_refusal[name] = {}
         for kind, examples in prompts.items():
-            conversations = [e.conversation() for e in examples]
+            conversations = [with_system_prompt(e.conversation(), system_prompt) for e in examples]
             outputs = generate(m, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                progress=progress, desc=f"{name}/{kind}")
             answers[name][kind] = outputs
@@ -152,8 +155,8 @@ def capability_report(model, tokenizer, baseline=None, *, limit: int | None = No
         from ..data.builtin import generated_set
 
         heldout = generated_set("benign", "test")[:limit]
-        report["perplexity"] = {name: heldout_perplexity(m, tokenizer, heldout, batch_size=max(1, batch_size // 2))
-                                for name, m in models}
+        report["perplexity"] = {name: heldout_perplexity(m, tokenizer, heldout, batch_size=max(1, batch_size // 2),
+                                                         system_prompt=system_prompt) for name, m in models}
         report["perplexity"]["source"] = "generated_set('benign', 'test')"
     except DataError as err:
         report["perplexity"] = {"skipped": str(err)}

@@ -6,7 +6,9 @@
 Each --defence is NAME=MODEL_DIR (a trained model, or a `train` output directory with model/ in it) or
 NAME=RECIPE (a training YAML or a shipped recipe name, trained on --base first into OUT/train/NAME/).
 Writes OUT/comparison.json, OUT/report.md, OUT/report.html (table and Pareto plot) and, per defence,
-OUT/models/NAME/ (that run's results.json and full report). See evaluation/comparison.py.
+OUT/models/NAME/ (that run's results.json and full report). The base model is also evaluated with the
+paper's safety system prompt (row safety-prompt, OUT/models/safety-prompt/; --safety-prompt TEXT for
+another, --no-safety-prompt for none). See evaluation/comparison.py.
 
 Only argparse is imported at registration; models, torch and the attacks load inside `run`.
 """
@@ -37,6 +39,10 @@ def register(subparsers) -> None:
     p.add_argument("--behaviors", help="HarmBench .csv or project .jsonl (default: the built-in harmful test split)")
     p.add_argument("--limit", type=bounded(int, AT_LEAST_ONE),
                    help="at most N behaviours (and N prompts per capability set)")
+    safety = p.add_mutually_exclusive_group()
+    safety.add_argument("--safety-prompt", metavar="TEXT", help="the safety-prompt row's system prompt (default: the "
+                                                                "paper's, comparison.SAFETY_PROMPT)")
+    safety.add_argument("--no-safety-prompt", action="store_true", help="no safety-prompt row")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-resume", action="store_true", help="evaluate every model again")
     p.add_argument("--dtype", default="auto")
@@ -45,7 +51,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from .comparison import compare, parse_defences, summary
+    from .comparison import SAFETY_PROMPT, compare, parse_defences, summary
     from .pipeline import load_eval_config
 
     parse_defences(args.defences)  # every --defence checked before any model loads
@@ -64,7 +70,8 @@ def run(args) -> int:
     from ..models import check_model
     check_model(args.base, dtype=args.dtype, device=args.device)
     results = compare(args.base, args.defences, config, args.out, behaviors=behaviors, dtype=args.dtype,
-                      device=args.device, resume=not args.no_resume, progress=not args.no_progress)
+                      device=args.device, resume=not args.no_resume, progress=not args.no_progress,
+                      safety_prompt=None if args.no_safety_prompt else (args.safety_prompt or SAFETY_PROMPT))
     print(summary(results))
     out = Path(args.out)
     print(f"wrote {out}/comparison.json, {out}/report.md, {out}/report.html, {out}/figures/pareto.png")

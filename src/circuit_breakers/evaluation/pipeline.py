@@ -41,7 +41,10 @@ class EvalConfig:
 
     # attack registry name -> that attack's config fields (the others keep their defaults); run in this order
     attacks: dict = field(default_factory=lambda: {"direct": {}})
-    behaviors: int | None = None  # the first N behaviours (None: all)
+    behaviors: int | None = None  # N behaviours (None: all), chosen as `select` says
+    # how `behaviors` and `capability_prompts` cut a list: first (the first N) or spread (N taken in turn from
+    # each category, so that a subset of a file sorted by category covers them all); behaviors.select
+    select: str = "first"
     # attacks that get only the first `optimised_behaviors` behaviours and, unless optimised_on_original,
     # run on the evaluated model alone (optimisation attacks cost seconds to hours per behaviour)
     optimised_attacks: list[str] = field(default_factory=list)
@@ -55,7 +58,13 @@ class EvalConfig:
     judge_full_turn: bool = False  # judge the whole assistant turn, prefill included (default: the continuation)
     capability: bool = True  # over-refusal, benign agreement, perplexity (lm-eval tasks; tool calls, image questions)
     capability_prompts: int | None = None  # benign and borderline test prompts each (None: all)
+    # the plain-text benign and borderline prompts (over-refusal, agreement, perplexity); tool-call and image
+    # capability are measured for tool-use and image behaviours either way
+    text_capability: bool = True
     lm_eval_tasks: list[str] | None = None  # lm-evaluation-harness tasks (needs lm_eval and a model directory)
+    # a system prompt for every attack (unless the attack sets its own) and every capability prompt, for both
+    # models: the safety-prompt baseline (compare's "safety-prompt" row, SAFETY_PROMPT)
+    system_prompt: str | None = None
     diagnostics: bool = True  # representation cosines against the baseline
     diagnostics_items: int | None = None  # held-out harmful and benign items each (None: all)
     seed: int = 0
@@ -63,6 +72,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         from ..attacks import ATTACKS
         from ..judges import JUDGES
+        from .behaviors import SELECTIONS
 
         check_types(self)
         if not isinstance(self.attacks, dict) or not self.attacks:
@@ -78,6 +88,8 @@ class EvalConfig:
         if unknown:
             raise ConfigError(f"optimised_attacks: unknown attack(s) {', '.join(unknown)}; valid attacks: "
                               f"{', '.join(ATTACKS)}")
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"select: expected one of {', '.join(SELECTIONS)}, got {self.select!r}")
         if self.judge not in JUDGES:
             raise ConfigError(f"judge: expected one of {', '.join(JUDGES)}, got {self.judge!r}")
         for key in ("behaviors", "optimised_behaviors", "max_new_tokens", "capability_prompts", "diagnostics_items"):
@@ -116,14 +128,16 @@ class EvalConfig:
         return dataclasses.replace(self, attacks=attacks)
 
     def make_attacks(self) -> list:
-        """The attacks, each with its settings and `max_new_tokens` where its config has the field."""
+        """The attacks, each with its settings, and `max_new_tokens` and `system_prompt` where its config has the
+        field and does not set it."""
         from ..attacks import config_fields, make_attack
 
         attacks = []
         for name, settings in self.attacks.items():
             options = dict(settings)
-            if self.max_new_tokens is not None and "max_new_tokens" in config_fields(name):
-                options.setdefault("max_new_tokens", self.max_new_tokens)
+            for key in ("max_new_tokens", "system_prompt"):
+                if getattr(self, key) is not None and key in config_fields(name):
+                    options.setdefault(key, getattr(self, key))
             attack = make_attack(name, **options)
             # an attack with one result per setting (finetune: per N) is scored as one attack per part
             attacks.extend(attack.split() if hasattr(attack, "split") else [attack])
@@ -228,7 +242,7 @@ def run_evaluation(model, tokenizer, config: EvalConfig, out_dir: str | Path, *,
     from ..judges import make_judge
     from ..models import is_multimodal
     from ..reports import write_report
-    from .behaviors import load_behaviors
+    from .behaviors import load_behaviors, select
     from .harness import write_results
 
     out = Path(out_dir)
@@ -257,7 +271,7 @@ def run_evaluation(model, tokenizer, config: EvalConfig, out_dir: str | Path, *,
     reference = baseline if baseline is not None else (model, tokenizer)  # the perplexity judges' original model
     judge = make_judge(config.judge, config.judge_model,
                        reference=reference if config.judge in BENIGN_LABELLING_JUDGES else None)
-    behaviors = list(load_behaviors(None) if behaviors is None else behaviors)[:config.behaviors]
+    behaviors = select(load_behaviors(None) if behaviors is None else behaviors, config.behaviors, config.select)
     results = _attack(model, tokenizer, baseline, behaviors, judge, out, config, resume=resume, extra=extra,
                       shard=shard, progress=progress)
     if results is None:
@@ -268,11 +282,13 @@ def run_evaluation(model, tokenizer, config: EvalConfig, out_dir: str | Path, *,
     if config.capability:  # else no "capability" key: the report says it was not measured
         from .capability import capability_report
 
-        results["capability"] = reuse.get("capability") or capability_report(
-            model, tokenizer, baseline[0] if comparable else None, limit=config.capability_prompts,
-            max_new_tokens=config.max_new_tokens or 64, progress=progress, model_dir=model_dir,
-            baseline_dir=baseline_dir, lm_eval_tasks=config.lm_eval_tasks, samples_out=out / "capability_samples.jsonl",
-            judge=judge if config.judge in BENIGN_LABELLING_JUDGES else None)
+        if config.text_capability:
+            results["capability"] = reuse.get("capability") or capability_report(
+                model, tokenizer, baseline[0] if comparable else None, limit=config.capability_prompts,
+                max_new_tokens=config.max_new_tokens or 64, progress=progress, model_dir=model_dir,
+                baseline_dir=baseline_dir, lm_eval_tasks=config.lm_eval_tasks, system_prompt=config.system_prompt,
+                samples_out=out / "capability_samples.jsonl",
+                judge=judge if config.judge in BENIGN_LABELLING_JUDGES else None)
         if any(b.tools for b in behaviors):  # tool-use behaviours: is calling tools for benign requests kept?
             results["tool_capability"] = reuse.get("tool_capability") or _tool_capability(
                 model, tokenizer, baseline[0] if comparable else None, config)
@@ -326,13 +342,17 @@ def run_evaluation(model, tokenizer, config: EvalConfig, out_dir: str | Path, *,
 
 
 def _tool_capability(model, tokenizer, baseline_model, config: EvalConfig) -> dict:
-    """Benign call accuracy (BFCL-style AST match) on the built-in benign tool-use test split, before and after."""
+    """Benign call accuracy (BFCL-style AST match) on the built-in benign tool-use test cases with expected calls
+    (not those answered in text), before and after."""
     from ..data.builtin import builtin_tool_set
+    from .behaviors import select
     from .tool_capability import tool_capability_report
 
-    cases = builtin_tool_set("benign", "test")[:config.capability_prompts]
-    report = tool_capability_report(model, tokenizer, cases, baseline_model, max_new_tokens=config.max_new_tokens or 128)
-    return {**report, "source": "builtin_tool_set('benign', 'test')"}
+    cases = select([c for c in builtin_tool_set("benign", "test") if c.tool_calls], config.capability_prompts,
+                   config.select)
+    report = tool_capability_report(model, tokenizer, cases, baseline_model, max_new_tokens=config.max_new_tokens or 128,
+                                    system_prompt=config.system_prompt)
+    return {**report, "source": "builtin_tool_set('benign', 'test'), the cases with expected calls"}
 
 
 def _image_capability(model, processor, baseline_model, config: EvalConfig) -> dict:

@@ -111,7 +111,9 @@ def build_blocks(results: dict) -> list[Block]:
     capability = results.get("capability")
     blocks.append(Block("h2", "Over-refusal and capability"))
     if not capability:
-        blocks.append(Block("p", NOT_DONE + " (run without --no-capability)."))
+        why = ("the eval config's text_capability is false" if results.get("eval_config", {}).get("capability")
+               else "run without --no-capability")
+        blocks.append(Block("p", f"Plain-text prompts: {NOT_DONE} ({why})."))
     else:
         over = capability.get("over_refusal", {})
         rows = []
@@ -155,27 +157,28 @@ def build_blocks(results: dict) -> list[Block]:
                     metric = next((f"{k}={v:.3f}" for k, v in values.items() if isinstance(v, float)), "")
                     rows.append([f"lm-eval {task} ({model})", metric])
         blocks.append(Block("table", header=["measure", "value"], rows=rows))
-        tools = results.get("tool_capability")
-        if tools:
-            rows = [[plots.MODEL_LABELS.get(model, model), f"{tools[model]['correct']} / {tools[model]['n']}",
-                     rate_text(tools[model]), rate_text(tools[model].get("right_tool")),
-                     rate_text(tools[model].get("any_call"))] for model in ("baseline", "model") if model in tools]
-            blocks.append(Block("p", f"Tool calling: benign call accuracy (function name and arguments, BFCL-style "
-                                     f"AST match) on {tools['n']} benign tool-use test requests ({tools['skipped']} "
-                                     "whose answer is text left out)."))
-            blocks.append(Block("table", header=["model", "correct", "exact call [Wilson 95% CI]", "right tool(s)",
-                                                 "any call"], rows=rows))
-        images = results.get("image_capability")
-        if images:
-            agree = images.get("agreement", {})
-            rows = [[plots.MODEL_LABELS.get(model, model), f"{images[model]['accuracy']['correct']} / {images['n']}",
-                     rate_text(images[model]["accuracy"])] for model in ("baseline", "model") if model in images]
-            blocks.append(Block("p", f"Image questions: share of answers that contain an accepted answer, on {images['n']} "
-                                     "benign image test questions (colour, count, shape, reading text, ...). "
-                                     + (f"Agreement with the baseline's answers: {agree['skipped']}." if "skipped" in agree
-                                        else f"Agreement with the baseline's answers: {_pct(agree.get('exact_match'))} "
-                                             f"exact, mean token F1 {_num(agree.get('token_f1'))}.")))
-            blocks.append(Block("table", header=["model", "correct", "accuracy [Wilson 95% CI]"], rows=rows))
+    tools = results.get("tool_capability")
+    if tools:
+        rows = [[plots.MODEL_LABELS.get(model, model), f"{tools[model]['correct']} / {tools[model]['n']}",
+                 rate_text(tools[model]), rate_text(tools[model].get("right_tool")),
+                 rate_text(tools[model].get("any_call"))] for model in ("baseline", "model") if model in tools]
+        skipped = f" ({tools['skipped']} whose answer is text left out)" if tools.get("skipped") else ""
+        blocks.append(Block("p", f"Tool calling: benign call accuracy (function name and arguments, BFCL-style "
+                                 f"AST match) on {tools['n']} benign tool-use test requests with expected calls"
+                                 f"{skipped}."))
+        blocks.append(Block("table", header=["model", "correct", "exact call [Wilson 95% CI]", "right tool(s)",
+                                             "any call"], rows=rows))
+    images = results.get("image_capability")
+    if images:
+        agree = images.get("agreement", {})
+        rows = [[plots.MODEL_LABELS.get(model, model), f"{images[model]['accuracy']['correct']} / {images['n']}",
+                 rate_text(images[model]["accuracy"])] for model in ("baseline", "model") if model in images]
+        blocks.append(Block("p", f"Image questions: share of answers that contain an accepted answer, on {images['n']} "
+                                 "benign image test questions (colour, count, shape, reading text, ...). "
+                                 + (f"Agreement with the baseline's answers: {agree['skipped']}." if "skipped" in agree
+                                    else f"Agreement with the baseline's answers: {_pct(agree.get('exact_match'))} "
+                                         f"exact, mean token F1 {_num(agree.get('token_f1'))}.")))
+        blocks.append(Block("table", header=["model", "correct", "accuracy [Wilson 95% CI]"], rows=rows))
 
     diagnostics = results.get("diagnostics")
     blocks.append(Block("h2", "Representations"))

@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ToolCall", "parse_tool_calls"]
+__all__ = ["ToolCall", "decode_keeping_call_markers", "parse_tool_calls"]
 
 NAME_KEYS = ("name", "tool_name", "function")
 ARGUMENT_KEYS = ("arguments", "parameters", "args")
@@ -38,6 +38,9 @@ _FUNCTION_TAG = re.compile(r"<function=([\w.\-]+)>(.*?)(?:</function>|$)", re.DO
 _MISTRAL_ARGS = re.compile(r"([\w.\-]+)\s*\[ARGS\]")
 _PYTHON_TAG = "<|python_tag|>"
 _END_MARKERS = ("<|eom_id|>", "<|eot_id|>", "</s>", "<|im_end|>")
+# What tells the parser a call begins; some tokenizers make them special tokens, which a plain
+# decode(skip_special_tokens=True) drops (Mistral's [TOOL_CALLS] and [ARGS], Llama 3.1's <|python_tag|>).
+CALL_MARKERS = ("[TOOL_CALLS]", "[ARGS]", _PYTHON_TAG, "<tool_call>", "</tool_call>")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,25 @@ class ToolCall:
     def to_dict(self) -> dict:
         """The normalised form of data.schema: ``{"type": "function", "function": {"name", "arguments"}}``."""
         return {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def decode_keeping_call_markers(tokenizer, ids) -> str:
+    """`tokenizer.decode(ids, skip_special_tokens=True)`, except that special tokens that mark a tool call
+    (CALL_MARKERS) are kept: without them a Mistral `[TOOL_CALLS]name[ARGS]{...}` call decodes to
+    `name{...}`, which no parser can read. Tokenizers without such special tokens decode exactly as before."""
+    markers = {i: token.content for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
+               if token.special and token.content in CALL_MARKERS}
+    ids = [int(i) for i in ids]
+    if not markers or not markers.keys() & set(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    pieces, segment = [], []
+    for i in ids:
+        if i in markers:
+            pieces += [tokenizer.decode(segment, skip_special_tokens=True), markers[i]]
+            segment = []
+        else:
+            segment.append(i)
+    return "".join(pieces) + tokenizer.decode(segment, skip_special_tokens=True)
 
 
 def parse_tool_calls(text: Any, *, complete_truncated: bool = False) -> list[ToolCall]:
