@@ -251,3 +251,38 @@ def test_the_circuit_breaker_trips_on_call_tokens(make_tool_app, tool_model, scr
         assert streamed_text(events) == REFUSAL  # the call's text was held back, never sent
         assert events[-1]["choices"][0]["finish_reason"] == "content_filter"
         assert events[-1]["circuit_breaker"]["token_index"] == index
+
+
+@pytest.mark.parametrize("text", [
+    '{"name": "get_weather", "parameters": {"city": "Paris"}}',  # Llama 3.1's JSON call
+    '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}',  # after the special token
+])
+def test_a_llama31_template_serves_its_own_call_format(text):
+    """The Llama 3.1 tool template (JSON calls with "parameters"; <|python_tag|> a special token, which the
+    decoding keeps): a call goes out as OpenAI tool_calls, streamed and not."""
+    from fastapi.testclient import TestClient
+
+    from circuit_breakers.serving import engine
+
+    tokenizer = make_tool_tokenizer("llama31")
+    model = make_tiny_model("llama", vocab_size=len(tokenizer), layers=2, seed=0)
+    model.config.max_position_embeddings = 2048
+    ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    picked = {}
+
+    def pick(logits, request, generator):
+        n = picked[id(request)] = picked.get(id(request), -1) + 1
+        return ids[min(n, len(ids) - 1)]
+
+    with pytest.MonkeyPatch.context() as patch, TestClient(app_maker(model, tokenizer)()) as client:
+        patch.setattr(engine, "_pick", pick)
+        body = chat(client, USER, tools=TOOLS, max_tokens=100).json()
+        choice = body["choices"][0]
+        assert choice["finish_reason"] == "tool_calls", body
+        [call] = choice["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+        picked.clear()
+        events, done = parse_sse(chat(client, USER, tools=TOOLS, max_tokens=100, stream=True).text)
+        calls = [tc for e in events for tc in e["choices"][0]["delta"].get("tool_calls", [])]
+        assert done and [c["function"]["name"] for c in calls] == ["get_weather"]
+        assert "python_tag" not in streamed_text(events)

@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..tools.calls import decode_keeping_call_markers
+
 # Called from the generation thread with (text delta, per-token probe score or None).
 DeltaCallback = Callable[[str, "float | None"], None]
 
@@ -218,7 +220,7 @@ class BatchGeneration:
     def _accept(self, i: int, token: int, score: float | None) -> None:
         r = self.requests[i]
         self.tokens[i].append(token)
-        delta = self.trackers[i].update(self.tokenizer.decode(self.tokens[i], skip_special_tokens=True))
+        delta = self.trackers[i].update(decode_keeping_call_markers(self.tokenizer, self.tokens[i]))
         if self.trackers[i].stopped:
             self.finish[i] = "stop"
         elif len(self.tokens[i]) >= r.max_tokens:

@@ -30,6 +30,7 @@ from .protocol import ApiError, ChatRequest
 _PROBE_TOOL = {"type": "function", "function": {"name": "cb_probe_tool_support", "description": "",
                                                 "parameters": {"type": "object", "properties": {}}}}
 _TAG = re.compile(r"^(<[^<>\s]+>|\[[A-Z_]+\])")  # <tool_call>, [TOOL_CALLS]
+_OPENING_TOKENS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")  # a model may open a call with one it has
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,15 @@ class ToolPlan:
 
     mode: str = "none"
     prefill: str = ""  # forced: the opening of the call, already in the prompt
-    marker: str = ""  # auto: the text that opens a call in the template's format
+    # auto: what opens a call: the template's format first, then a call-marking token the tokenizer has
+    # (<|python_tag|> before Llama 3.1's JSON)
+    markers: tuple[str, ...] = ()
     names: frozenset = frozenset()
+
+    def find(self, text: str, start: int = 0) -> int:
+        """Where the first call opens in `text` (from `start`), or -1."""
+        found = [i for m in self.markers if (i := text.find(m, start)) >= 0]
+        return min(found, default=-1)
 
 
 def template_renders_tools(tokenizer) -> bool:
@@ -73,8 +81,10 @@ def plan_for(tokenizer, chat: ChatRequest) -> ToolPlan:
     except Exception as err:  # noqa: BLE001 - ValueError, or the template's own error on the sentinel call
         raise _no_support(tokenizer, str(err)) from None
     tag = _TAG.match(opening)
-    marker = tag.group(1) if tag else ('{"name"' if opening.startswith("{") else opening)
-    return ToolPlan("auto", marker=marker or '{"name"', names=names)
+    marker = (tag.group(1) if tag else ('{"name"' if opening.startswith("{") else opening)) or '{"name"'
+    added = getattr(tokenizer, "get_added_vocab", dict)()
+    markers = (marker, *(m for m in _OPENING_TOKENS if m in added and m != marker))
+    return ToolPlan("auto", markers=markers, names=names)
 
 
 def split_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[ToolCall]]:
@@ -83,7 +93,7 @@ def split_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[ToolCall]]:
         calls = parse_tool_calls(plan.prefill + text)
         return (None, calls) if calls else (plan.prefill + text, [])
     if plan.mode == "auto":
-        start = text.find(plan.marker)
+        start = plan.find(text)
         if start >= 0:
             calls = parse_tool_calls(text[start:])
             if calls and all(call.name in plan.names for call in calls):
@@ -111,8 +121,8 @@ def openai_calls(calls: list[ToolCall]) -> list[dict]:
 class CallStream:
     """The content of a streamed answer that may hold calls: `feed` each delta, get what may be sent now.
 
-    Content goes out as generated up to where a call may open: a suffix that could begin `plan.marker` and
-    trailing whitespace are held back (the content before a call is sent right-stripped, as `split_calls`
+    Content goes out as generated up to where a call may open: a suffix that could begin one of
+    `plan.markers` and trailing whitespace are held back (the content before a call is sent right-stripped, as `split_calls`
     gives it). From the marker on (from the start, for a forced call), everything is held until `rest`.
     """
 
@@ -124,13 +134,12 @@ class CallStream:
         self.text += delta
         if self.in_call:
             return ""
-        marker = self.plan.marker
-        start = self.text.find(marker, self.sent)
+        start = self.plan.find(self.text, self.sent)
         if start >= 0:
             self.in_call = True
             return self._take(len(self.text[:start].rstrip()))
-        hold = next((k for k in range(min(len(marker) - 1, len(self.text)), 0, -1)
-                     if self.text.endswith(marker[:k])), 0)
+        hold = max((k for marker in self.plan.markers for k in range(min(len(marker) - 1, len(self.text)), 0, -1)
+                    if self.text.endswith(marker[:k])), default=0)
         return self._take(len(self.text[:len(self.text) - hold].rstrip()))
 
     def rest(self, content: str | None, calls: list[ToolCall]) -> str:
