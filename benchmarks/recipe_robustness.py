@@ -12,6 +12,9 @@ optimizer step's update across variants: the share of LoRA weights that moved in
     python benchmarks/recipe_robustness.py --config smollm2-135m --seeds 42,1,2,3 \\
         --variants native/1,avx2/1 --parallel 2 --out runs/robustness [key=value ...]
 
+`--runs 42:native/1,7:avx2/1` trains those seed/variant pairs instead of every seed under every variant.
+`--agent` is for an agent recipe (smollm2-135m-agent with model=THE_SUBJECT): the held-out items are the
+tool-use ones `demo --agent` measures, and `--capability` gives its harmful-call and benign-call figures.
 `--steps N` gives a cheaper proxy: the full recipe's first N steps (same c_s/c_r schedule). Finished runs are reused when their spec is unchanged;
 the table is printed and written to OUT/results.json and OUT/table.md.
 """
@@ -174,20 +177,19 @@ def variant_env(variant: str) -> dict[str, str]:
 def sweep(args, overrides: list[str]) -> list[dict]:
     out = Path(args.out)
     pending, runs = [], []
-    for seed in args.seeds:
-        for variant in args.variants:
-            run_dir = out / run_name(seed, variant)
-            spec = {"config": args.config, "overrides": overrides + [f"seed={seed}"], "seed": seed, "variant": variant,
-                    "capability": args.capability, **({"keep_model": True} if args.keep_models else {}),
-                    **({"agent": True} if args.agent else {})}
-            runs.append((run_dir, spec))
-            done = run_dir / "run.json"
-            if done.is_file() and json.loads(done.read_text())["spec"] == spec:
-                continue
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "spec.json").write_text(json.dumps(spec))
-            done.unlink(missing_ok=True)
-            pending.append((run_dir, spec))
+    for seed, variant in args.runs:
+        run_dir = out / run_name(seed, variant)
+        spec = {"config": args.config, "overrides": overrides + [f"seed={seed}"], "seed": seed, "variant": variant,
+                "capability": args.capability, **({"keep_model": True} if args.keep_models else {}),
+                **({"agent": True} if args.agent else {})}
+        runs.append((run_dir, spec))
+        done = run_dir / "run.json"
+        if done.is_file() and json.loads(done.read_text())["spec"] == spec:
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "spec.json").write_text(json.dumps(spec))
+        done.unlink(missing_ok=True)
+        pending.append((run_dir, spec))
     active: list[tuple[subprocess.Popen, Path]] = []
     failed = []
     while pending or active:
@@ -278,6 +280,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="42,1,2,3", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--variants", default="native/1,avx2/1", type=lambda s: s.split(","),
                         help="CAPABILITY/THREADS, comma-separated (CAPABILITY: native, avx512, avx2, default)")
+    parser.add_argument("--runs", type=lambda s: [(int(r.split(":")[0]), r.split(":", 1)[1]) for r in s.split(",")],
+                        help="SEED:VARIANT pairs instead of every seed under every variant (42:native/1,7:avx2/1)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (give each 1 thread)")
     parser.add_argument("--steps", type=int, help="a shorter proxy run (same as steps=N)")
     parser.add_argument("--out", default="runs/robustness")
@@ -304,6 +308,10 @@ def main() -> None:
     if args.steps:  # the first N steps of the full run: same schedule (c_s, c_r), stopped early
         full = RRConfig.load(args.config, overrides)
         overrides += [f"steps={args.steps}", f"schedule_denominator={full.denominator}"]
+    if args.runs:
+        args.variants = list(dict.fromkeys(variant for _, variant in args.runs))
+    else:
+        args.runs = [(seed, variant) for seed in args.seeds for variant in args.variants]
     for v in args.variants:
         variant_env(v)
     differences = variant_differences(args, overrides) if len(args.variants) > 1 else ""

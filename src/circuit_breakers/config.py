@@ -166,7 +166,9 @@ class RRConfig:
     steps: int = _field(150, "optimizer steps")
     batch_size: int = _field(16, "items per optimizer step from each set")
     grad_accum: int = _field(1, "micro-batches per optimizer step (batch_size must divide by it)")
-    lr: float = _field(1e-4, "AdamW learning rate, constant")
+    lr: float = _field(1e-4, "AdamW learning rate (at every step, or at the first under lr_schedule: linear)")
+    lr_schedule: str = _field("constant", "constant (the paper's) or linear (from lr at step 1 down to lr/steps "
+                                          "at the last, as Hugging Face's default scheduler)")
     weight_decay: float = _field(0.0, "AdamW weight decay")
     max_grad_norm: float = _field(1.0, "gradient clipping")
     frozen_cache_gb: float = _field(2.0, "memory for caching the frozen model's hidden states per item; 0 = off")
@@ -199,7 +201,7 @@ class RRConfig:
         choices = {"method": METHODS,
                    "retain_normalization": ("reference", "masked_mean"), "retain_distance": ("l2", "relative_l2"),
                    "reroute_tokens": ("all", "response"), "seeded_start": ("none", "target", "lora"),
-                   "truncation": ("response", "error"),
+                   "truncation": ("response", "error"), "lr_schedule": ("constant", "linear"),
                    "tool_format": ("template", "json"),
                    "gradient_checkpointing": ("auto", "true", "false")}
         for key, allowed in choices.items():

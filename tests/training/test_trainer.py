@@ -167,6 +167,17 @@ def test_training_past_the_schedule_end(chat_tokenizer):
     assert [r["c_r"] for r in log] == pytest.approx([2.0, 4.0, 6.0, 8.0])
 
 
+def test_a_linear_lr_schedule_decays_from_lr_and_the_default_is_constant(chat_tokenizer):
+    def lrs(**settings):
+        model = make_tiny_model("llama", vocab_size=len(chat_tokenizer))
+        return [r["lr"] for r in tiny_trainer(model, chat_tokenizer, **settings).train().log]
+
+    assert lrs(steps=4, lr_schedule="linear") == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
+    assert lrs(steps=2) == [1e-2, 1e-2]
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        RRConfig(lr_schedule="cosine").validate()
+
+
 # ---------------------------------------------------------------- dropped blocks and saving
 
 

@@ -294,6 +294,8 @@ class RRTrainer:
                 tokens += cb_batch.tokens
             for key, value in self.method.take_metrics().items():
                 method_metrics[key] = method_metrics.get(key, 0.0) + value / micro
+        for group in self.optimizer.param_groups:  # a function of the step alone: a resumed run continues it
+            group["lr"] = learning_rate(config, step)
         grad_norm = self.parallel.step()
         elapsed = time.perf_counter() - started
         if c_s <= 0:
@@ -421,6 +423,14 @@ class RRTrainer:
             for name, value in lora.items():
                 params[name].copy_(value)
         return peft_model
+
+
+def learning_rate(config: RRConfig, step: int) -> float:
+    """The lr of optimizer step `step` (1-based): `lr`, or under `lr_schedule: linear` lr * (1 - (step-1)/steps).
+    A decaying lr lets the rerouting and retain terms settle after the breaker has formed (agent recipe)."""
+    if config.lr_schedule == "linear":
+        return config.lr * (1 - (step - 1) / config.steps)
+    return config.lr
 
 
 def _compiled_losses():
