@@ -36,7 +36,7 @@ def test_agent_demo_teaches_circuit_breaks_and_measures_both_models(agent_run):
     assert (out / "subject" / "teach.json").is_file() and (out / "model" / "config.json").is_file()
     assert result["subject"] == str(out / "subject") and result["teach_seconds"] > 0 and result["train_seconds"] > 0
     # the self-check ran on the held-out tool-use items at the target layer
-    assert result["cosine"]["harmful"]["items"] == 3 and set(result["cosine"]["harmful"]["per_layer"]) == {1}
+    assert result["cosine"]["harmful"]["items"] == 3 and set(result["cosine"]["harmful"]["per_layer"]) == {"1"}
     assert set(result["breaker"]["layers"]) == {"1"}
     summary = result["eval"]
     assert set(summary["asr"]) == {"direct", "forced_call"} and summary["judge"] == "tool_call"

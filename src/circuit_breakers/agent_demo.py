@@ -143,7 +143,9 @@ def run_agent_demo(out_dir: str | Path = "runs/demo-agent", overrides: list[str]
                               "baseline_files": model_fingerprint(out / "subject")}, progress=progress)
     result["eval"] = eval_summary(results, out / "eval")
     result["total_seconds"] = round(time.time() - started, 1)
-    atomic_write_text(out / "demo.json", json.dumps(result, indent=2) + "\n")
+    text = json.dumps(result, indent=2) + "\n"
+    atomic_write_text(out / "demo.json", text)
+    result = json.loads(text)  # what demo.json records (its layer keys are strings)
     print(agent_report(result))
     return result
 
