@@ -86,13 +86,13 @@ def worker(run_dir: Path) -> None:
                           "tool_calls": results["tool_capability"]["model"]}
     else:
         cosines = heldout_cosines(trained, original, tokenizer, config.target_layers, max_length=config.max_length)
-    if spec.get("capability") and not spec.get("agent"):  # the demo's over-refusal and agreement, whole test splits
-        from circuit_breakers.evaluation.capability import capability_report
+        if spec.get("capability"):  # the demo's over-refusal and agreement on the whole test splits
+            from circuit_breakers.evaluation.capability import capability_report
 
-        report = capability_report(trained, tokenizer, original, max_new_tokens=32, batch_size=16,
-                                   samples_out=run_dir / "capability_samples.jsonl")
-        capability = {"over_refusal": report["over_refusal"], "agreement": report["agreement"],
-                      "perplexity": report["perplexity"]}
+            report = capability_report(trained, tokenizer, original, max_new_tokens=32, batch_size=16,
+                                       samples_out=run_dir / "capability_samples.jsonl")
+            capability = {"over_refusal": report["over_refusal"], "agreement": report["agreement"],
+                          "perplexity": report["perplexity"]}
     log = [{k: r[k] for k in ("step", "rerouting_loss", "retain_loss", "cb_cos", "cb_cos_layers", "retain_cos")}
            for r in result.log]
     fell = {str(layer): next((r["step"] for r in log if r["cb_cos_layers"] and r["cb_cos_layers"][str(layer)]

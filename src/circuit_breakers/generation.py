@@ -85,7 +85,7 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], *, prefills:
     bytes or PIL images; empty for none), shown in its last user turn."""
     from tqdm.auto import tqdm
 
-    from .tools.calls import decode_keeping_call_markers  # here: tools imports this module
+    from .tools.calls import call_marker_ids, decode_keeping_call_markers  # here: tools imports this module
 
     prefills = list(prefills) if prefills is not None else [""] * len(conversations)
     tools = list(tools) if tools is not None else [None] * len(conversations)
@@ -112,6 +112,7 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], *, prefills:
     order = sorted(range(len(texts)), key=lengths.__getitem__)
     outputs: list[str] = [""] * len(texts)
     device = next(model.parameters()).device
+    markers = call_marker_ids(tokenizer)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     try:
@@ -123,7 +124,7 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], *, prefills:
                                        pad_token_id=tokenizer.pad_token_id)
             new = generated[:, batch["input_ids"].shape[1]:]
             for i, row in zip(chunk, new):
-                outputs[i] = decode_keeping_call_markers(tokenizer, row)
+                outputs[i] = decode_keeping_call_markers(tokenizer, row, markers)
     finally:
         tokenizer.padding_side = side
     return outputs

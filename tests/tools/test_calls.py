@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from circuit_breakers.tools.calls import ToolCall, decode_keeping_call_markers, parse_tool_calls
+from circuit_breakers.tools.calls import ToolCall, call_marker_ids, decode_keeping_call_markers, parse_tool_calls
 
 WEATHER = ToolCall("get_weather", {"city": "Paris", "days": 3})
 
@@ -129,5 +129,8 @@ def test_decoding_keeps_the_special_tokens_that_mark_a_call():
     text = decode_keeping_call_markers(tokenizer, ids)
     assert text == '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
     assert parse_tool_calls(text) == [ToolCall("get_weather", {"city": "Paris"})]
+    markers = call_marker_ids(tokenizer)  # read once by a caller that decodes many times
+    assert sorted(markers.values()) == ["[ARGS]", "[TOOL_CALLS]"]
+    assert decode_keeping_call_markers(tokenizer, ids, markers) == text
     plain = tokenizer.encode("<tool_call>{}</tool_call> done</s>", add_special_tokens=False)  # no special markers
     assert decode_keeping_call_markers(tokenizer, plain) == tokenizer.decode(plain, skip_special_tokens=True)

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..generation import chat_prompt
-from ..tools.calls import decode_keeping_call_markers
+from ..tools.calls import call_marker_ids, decode_keeping_call_markers
 from .base import Behavior
 
 SLOT_MARKER = "\u2063<<ATTACK-SLOT>>\u2063"
@@ -151,6 +151,7 @@ def generate_from_ids(model, tokenizer, rows: Sequence[Sequence[int]], *, max_ne
     """Greedy completions of exact token-id prompts (left-padded batches); the new text only."""
     pad = _eos_pad(model, tokenizer)
     device = model_device(model)
+    markers = call_marker_ids(tokenizer)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     outputs = [""] * len(rows)
     for start in range(0, len(order), batch_size):
@@ -165,7 +166,7 @@ def generate_from_ids(model, tokenizer, rows: Sequence[Sequence[int]], *, max_ne
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
         for r, i in enumerate(chunk):
-            outputs[i] = decode_keeping_call_markers(tokenizer, generated[r, width:])
+            outputs[i] = decode_keeping_call_markers(tokenizer, generated[r, width:], markers)
     return outputs
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..tools.calls import decode_keeping_call_markers
+from ..tools.calls import call_marker_ids, decode_keeping_call_markers
 
 # Called from the generation thread with (text delta, per-token probe score or None).
 DeltaCallback = Callable[[str, "float | None"], None]
@@ -165,6 +165,7 @@ class BatchGeneration:
     def __init__(self, model, tokenizer, requests: Sequence[GenRequest], *, monitor=None, refusal: str = "",
                  prefill_tokens: int = PREFILL_TOKENS):
         self.model, self.tokenizer, self.requests, self.refusal = model, tokenizer, list(requests), refusal
+        self.call_markers = call_marker_ids(tokenizer)  # read once: every token of every row is decoded again
         n = len(self.requests)
         self.device = next(model.parameters()).device
         self.eos = eos_token_ids(model, tokenizer)
@@ -220,7 +221,7 @@ class BatchGeneration:
     def _accept(self, i: int, token: int, score: float | None) -> None:
         r = self.requests[i]
         self.tokens[i].append(token)
-        delta = self.trackers[i].update(decode_keeping_call_markers(self.tokenizer, self.tokens[i]))
+        delta = self.trackers[i].update(decode_keeping_call_markers(self.tokenizer, self.tokens[i], self.call_markers))
         if self.trackers[i].stopped:
             self.finish[i] = "stop"
         elif len(self.tokens[i]) >= r.max_tokens:

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 from ..generation import chat_prompt
 from ..tools import ToolCall, call_opening, parse_tool_calls
+from ..tools.calls import CALL_OPENERS
 from .protocol import ApiError, ChatRequest
 
 _PROBE_TOOL = {"type": "function", "function": {"name": "cb_probe_tool_support", "description": "",
                                                 "parameters": {"type": "object", "properties": {}}}}
 _TAG = re.compile(r"^(<[^<>\s]+>|\[[A-Z_]+\])")  # <tool_call>, [TOOL_CALLS]
-_OPENING_TOKENS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")  # a model may open a call with one it has
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def plan_for(tokenizer, chat: ChatRequest) -> ToolPlan:
     tag = _TAG.match(opening)
     marker = (tag.group(1) if tag else ('{"name"' if opening.startswith("{") else opening)) or '{"name"'
     added = getattr(tokenizer, "get_added_vocab", dict)()
-    markers = (marker, *(m for m in _OPENING_TOKENS if m in added and m != marker))
+    markers = (marker, *(m for m in CALL_OPENERS if m in added and m != marker))  # a model may open with one
     return ToolPlan("auto", markers=markers, names=names)
 
 
@@ -122,8 +122,8 @@ class CallStream:
     """The content of a streamed answer that may hold calls: `feed` each delta, get what may be sent now.
 
     Content goes out as generated up to where a call may open: a suffix that could begin one of
-    `plan.markers` and trailing whitespace are held back (the content before a call is sent right-stripped, as `split_calls`
-    gives it). From the marker on (from the start, for a forced call), everything is held until `rest`.
+    `plan.markers` and trailing whitespace are held back (the content before a call is sent right-stripped, as
+    `split_calls` gives it). From the marker on (from the start, for a forced call), everything is held until `rest`.
     """
 
     def __init__(self, plan: ToolPlan):

@@ -4,9 +4,9 @@ for the forced-call attack (`forcing`).
 
 Sits below attacks/judges/evaluation/serving and above data/: it never imports those.
 """
-from .calls import ToolCall, decode_keeping_call_markers, parse_tool_calls
+from .calls import ToolCall, call_marker_ids, decode_keeping_call_markers, parse_tool_calls
 from .forcing import call_opening
 from .matching import call_accuracy, call_mismatch, calls_match, values_equal
 
-__all__ = ["ToolCall", "call_accuracy", "decode_keeping_call_markers", "call_mismatch", "call_opening", "calls_match", "parse_tool_calls",
-           "values_equal"]
+__all__ = ["ToolCall", "call_accuracy", "call_marker_ids", "call_mismatch", "call_opening", "calls_match",
+           "decode_keeping_call_markers", "parse_tool_calls", "values_equal"]

@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ToolCall", "decode_keeping_call_markers", "parse_tool_calls"]
+__all__ = ["ToolCall", "call_marker_ids", "decode_keeping_call_markers", "parse_tool_calls"]
 
 NAME_KEYS = ("name", "tool_name", "function")
 ARGUMENT_KEYS = ("arguments", "parameters", "args")
@@ -38,9 +38,10 @@ _FUNCTION_TAG = re.compile(r"<function=([\w.\-]+)>(.*?)(?:</function>|$)", re.DO
 _MISTRAL_ARGS = re.compile(r"([\w.\-]+)\s*\[ARGS\]")
 _PYTHON_TAG = "<|python_tag|>"
 _END_MARKERS = ("<|eom_id|>", "<|eot_id|>", "</s>", "<|im_end|>")
-# What tells the parser a call begins; some tokenizers make them special tokens, which a plain
+# What tells the parser a call is there; some tokenizers make them special tokens, which a plain
 # decode(skip_special_tokens=True) drops (Mistral's [TOOL_CALLS] and [ARGS], Llama 3.1's <|python_tag|>).
-CALL_MARKERS = ("[TOOL_CALLS]", "[ARGS]", _PYTHON_TAG, "<tool_call>", "</tool_call>")
+CALL_OPENERS = ("<tool_call>", "[TOOL_CALLS]", _PYTHON_TAG)  # the ones a call starts with
+CALL_MARKERS = (*CALL_OPENERS, "[ARGS]", "</tool_call>")
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,19 @@ class ToolCall:
         return {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
-def decode_keeping_call_markers(tokenizer, ids) -> str:
+def call_marker_ids(tokenizer) -> dict[int, str]:
+    """{token id: text} of the tokenizer's special tokens that mark a tool call (CALL_MARKERS); often {}."""
+    return {i: token.content for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
+            if token.special and token.content in CALL_MARKERS}
+
+
+def decode_keeping_call_markers(tokenizer, ids, markers: dict[int, str] | None = None) -> str:
     """`tokenizer.decode(ids, skip_special_tokens=True)`, except that special tokens that mark a tool call
     (CALL_MARKERS) are kept: without them a Mistral `[TOOL_CALLS]name[ARGS]{...}` call decodes to
-    `name{...}`, which no parser can read. Tokenizers without such special tokens decode exactly as before."""
-    markers = {i: token.content for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
-               if token.special and token.content in CALL_MARKERS}
+    `name{...}`, which no parser can read. Tokenizers without such special tokens decode exactly as before.
+    `markers`: `call_marker_ids(tokenizer)`, for a caller that decodes many times (read from the tokenizer
+    when not given)."""
+    markers = call_marker_ids(tokenizer) if markers is None else markers
     ids = [int(i) for i in ids]
     if not markers or not markers.keys() & set(ids):
         return tokenizer.decode(ids, skip_special_tokens=True)

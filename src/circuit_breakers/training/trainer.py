@@ -426,8 +426,8 @@ class RRTrainer:
 
 
 def learning_rate(config: RRConfig, step: int) -> float:
-    """The lr of optimizer step `step` (1-based): `lr`, or under `lr_schedule: linear` lr * (1 - (step-1)/steps).
-    A decaying lr lets the rerouting and retain terms settle after the breaker has formed (agent recipe)."""
+    """The lr of optimizer step `step` (1-based): `lr`, or under `lr_schedule: linear` lr * (1 - (step-1)/steps)
+    (docs/method-notes.md: meant to let the two terms settle late in training; on the agent recipe it did not)."""
     if config.lr_schedule == "linear":
         return config.lr * (1 - (step - 1) / config.steps)
     return config.lr
