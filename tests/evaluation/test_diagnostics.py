@@ -45,3 +45,18 @@ def test_heldout_cosines_of_a_model_with_itself_are_one(chat_tokenizer):
         assert set(c["per_layer"]) == {1, 3} and c["items"] == 3
         assert c["mean_cosine"] == pytest.approx(1.0, abs=1e-5)
     assert breaker_verdict(cosines)["layers"]["1"]["formed"] is False
+
+
+def test_similarity_does_not_depend_on_how_items_are_batched():
+    # Items are batched by length (less padding); the per-token means must not depend on the batching.
+    from circuit_breakers.data import TokenizedExample
+    from circuit_breakers.evaluation.diagnostics import representation_similarity
+
+    model, other = make_tiny_model("llama", layers=3, seed=0), make_tiny_model("llama", layers=3, seed=1)
+    items = [TokenizedExample(tuple(range(5, 5 + n)), response_start=n // 2) for n in (30, 7, 19, 4, 26, 11)]
+    one_batch = representation_similarity(model, other, items, 0, [1, 3], batch_size=len(items))
+    by_twos = representation_similarity(model, other, items, 0, [1, 3], batch_size=2)
+    for layer in (1, 3):
+        assert one_batch[layer]["cosine"] < 0.99  # two different models: a non-trivial mean
+        for key in ("cosine", "norm_ratio"):
+            assert by_twos[layer][key] == pytest.approx(one_batch[layer][key], abs=1e-5)

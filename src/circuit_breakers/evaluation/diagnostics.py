@@ -31,8 +31,11 @@ def representation_similarity(model, baseline, items: Sequence[TokenizedExample]
     device = next(model.parameters()).device
     sums = {l: torch.zeros(2, dtype=torch.float64) for l in layers}
     count = 0.0
-    for start in range(0, len(items), batch_size):
-        batch = {k: v.to(device) for k, v in collate(list(items[start:start + batch_size]), pad_token_id).items()}
+    # Batches of similar length: less padding computed (tool-use items range over ~300-700 tokens).
+    order = sorted(range(len(items)), key=lambda i: items[i].length)
+    for start in range(0, len(order), batch_size):
+        chunk = [items[i] for i in order[start:start + batch_size]]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
         mask = (batch["response_mask"] if tokens == "response" else batch["attention_mask"]).float()
         a = decoder_hidden_states(arch, batch["input_ids"], batch["attention_mask"], layers)
         b = decoder_hidden_states(base_arch, batch["input_ids"], batch["attention_mask"], layers)
