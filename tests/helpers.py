@@ -322,13 +322,48 @@ LLAMA31_TOOL_TEMPLATE = (
 )
 _LLAMA31_SPECIAL = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"]
 
+# Mistral (v3 tokenizer) style: the tools as a JSON list before the last [INST], the system prompt inside that
+# [INST], calls as `[TOOL_CALLS] [{"name", "arguments"}, ...]</s>`, results between [TOOL_RESULTS] tags; no
+# generation prompt (a prompt ends with [/INST]). Call ids left out (the real template asks for 9 characters).
+MISTRAL_TOOL_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- set ns = namespace(system='', last_user=-1) %}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set ns.system = messages[0]['content'] + '\n\n' %}{%- set messages = messages[1:] %}{%- endif %}"
+    "{%- for m in messages %}{%- if m['role'] == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}"
+    "{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'user' %}"
+    "{%- if loop.index0 == ns.last_user %}"
+    "{%- if tools %}{{- '[AVAILABLE_TOOLS] ' + (tools | tojson) + '[/AVAILABLE_TOOLS]' }}{%- endif %}"
+    "{{- '[INST] ' + ns.system + m['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + m['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif m['role'] == 'assistant' and m.get('tool_calls') %}"
+    "{{- '[TOOL_CALLS] [' }}"
+    "{%- for call in m['tool_calls'] %}"
+    "{%- set f = call['function'] if call['function'] is defined else call %}"
+    "{%- if not loop.first %}{{- ', ' }}{%- endif %}"
+    "{{- '{\"name\": \"' + f['name'] + '\", \"arguments\": ' }}"
+    "{%- if f['arguments'] is string %}{{- f['arguments'] }}{%- else %}{{- f['arguments'] | tojson }}{%- endif %}"
+    "{{- '}' }}"
+    "{%- endfor %}"
+    "{{- ']' + eos_token }}"
+    "{%- elif m['role'] == 'assistant' %}{{- (m['content'] or '') + eos_token }}"
+    "{%- elif m['role'] == 'tool' %}{{- '[TOOL_RESULTS] ' + m['content'] + '[/TOOL_RESULTS]' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+_MISTRAL_SPECIAL = ["[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]",
+                    "[/TOOL_RESULTS]"]
+
 
 def make_tool_tokenizer(style: str = "hermes"):
     """A fresh tiny tokenizer (`make_chat_tokenizer`) whose chat template renders tools and tool calls.
 
     "hermes": HERMES_TOOL_TEMPLATE on the ChatML tokens. "llama31": LLAMA31_TOOL_TEMPLATE, with the Llama-3.1
-    header and turn-end tokens added as special tokens (the vocabulary stays under the tiny models' 400) and
-    eos_token "<|eot_id|>".
+    header and turn-end tokens added as special tokens and eos_token "<|eot_id|>". "mistral":
+    MISTRAL_TOOL_TEMPLATE, with Mistral's control tokens added as special tokens. The tiny models take
+    vocab_size=len(tokenizer).
     """
     tokenizer = make_chat_tokenizer()
     if style == "hermes":
@@ -339,8 +374,12 @@ def make_tool_tokenizer(style: str = "hermes"):
         tokenizer.eos_token = "<|eot_id|>"  # as in Llama-3.1-Instruct: generation stops at the turn end
         tokenizer.chat_template = LLAMA31_TOOL_TEMPLATE
         tokenizer.name_or_path = "tiny-llama31-tools-test"
+    elif style == "mistral":
+        tokenizer.add_special_tokens({"additional_special_tokens": _MISTRAL_SPECIAL})
+        tokenizer.chat_template = MISTRAL_TOOL_TEMPLATE
+        tokenizer.name_or_path = "tiny-mistral-tools-test"
     else:
-        raise ValueError(f"make_tool_tokenizer: style must be 'hermes' or 'llama31', got {style!r}")
+        raise ValueError(f"make_tool_tokenizer: style must be 'hermes', 'llama31' or 'mistral', got {style!r}")
     return tokenizer
 
 

@@ -253,18 +253,20 @@ def test_the_circuit_breaker_trips_on_call_tokens(make_tool_app, tool_model, scr
         assert events[-1]["circuit_breaker"]["token_index"] == index
 
 
-@pytest.mark.parametrize("text", [
-    '{"name": "get_weather", "parameters": {"city": "Paris"}}',  # Llama 3.1's JSON call
-    '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}',  # after the special token
+@pytest.mark.parametrize("style, text", [
+    ("llama31", '{"name": "get_weather", "parameters": {"city": "Paris"}}'),  # Llama 3.1's JSON call
+    ("llama31", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}'),  # after the special token
+    ("mistral", '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]'),  # a special token opens it
 ])
-def test_a_llama31_template_serves_its_own_call_format(text):
-    """The Llama 3.1 tool template (JSON calls with "parameters"; <|python_tag|> a special token, which the
-    decoding keeps): a call goes out as OpenAI tool_calls, streamed and not."""
+def test_a_template_serves_its_own_call_format(style, text):
+    """The Llama 3.1 and Mistral tool templates (JSON calls with "parameters"; a list after [TOOL_CALLS]; the
+    call-opening special tokens, which the decoding keeps): a call goes out as OpenAI tool_calls, streamed and
+    not, and no call markup in the streamed text."""
     from fastapi.testclient import TestClient
 
     from circuit_breakers.serving import engine
 
-    tokenizer = make_tool_tokenizer("llama31")
+    tokenizer = make_tool_tokenizer(style)
     model = make_tiny_model("llama", vocab_size=len(tokenizer), layers=2, seed=0)
     model.config.max_position_embeddings = 2048
     ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
@@ -285,4 +287,4 @@ def test_a_llama31_template_serves_its_own_call_format(text):
         events, done = parse_sse(chat(client, USER, tools=TOOLS, max_tokens=100, stream=True).text)
         calls = [tc for e in events for tc in e["choices"][0]["delta"].get("tool_calls", [])]
         assert done and [c["function"]["name"] for c in calls] == ["get_weather"]
-        assert "python_tag" not in streamed_text(events)
+        assert "python_tag" not in streamed_text(events) and "TOOL_CALLS" not in streamed_text(events)

@@ -17,6 +17,7 @@ USER = [{"role": "user", "content": "Email Bob."}]
 OPENINGS = {  # style: (opening, opening that names send_email)
     "hermes": ('<tool_call>\n{"name": "', '<tool_call>\n{"name": "send_email", "arguments": {"'),
     "llama31": ('{"name": "', '{"name": "send_email", "parameters": {"'),
+    "mistral": ('[TOOL_CALLS] [{"name": "', '[TOOL_CALLS] [{"name": "send_email", "arguments": {"'),
 }
 
 
