@@ -288,19 +288,24 @@ def test_a_full_queue_is_a_429_with_retry_after(make_app, slow_steps):
 
 
 def test_the_time_limit_stops_a_long_request(make_app, slow_steps, finished):
-    app = make_app(request_timeout=0.3)
+    # 200 slowed steps take over 4 s, 2 take ~0.05 s: a 1 s limit stops the first even on a loaded machine
+    # (0.3 s once timed out the quick request too, under a full test run beside training jobs).
+    app = make_app(request_timeout=1.0)
 
     async def main():
         async with asgi_client(app) as client:
             plain = await client.post("/v1/chat/completions", json={**OK, "max_tokens": 200})
             stream = await client.post("/v1/chat/completions", json={**OK, "max_tokens": 200, "stream": True})
-            await asyncio.sleep(0.2)  # the rows stop at their next step
+            for _ in range(100):  # the rows stop at their next step
+                if len(finished) >= 2:
+                    break
+                await asyncio.sleep(0.05)
             stopped = list(finished)
             quick = await client.post("/v1/chat/completions", json={**OK, "max_tokens": 2})
             return plain, stream, stopped, quick
 
     plain, stream, stopped, quick = asyncio.run(main())
-    assert_refused(plain, 504, "0.3 s", "--request-timeout", type="server_error", code="timeout")
+    assert_refused(plain, 504, "1 s", "--request-timeout", type="server_error", code="timeout")
     assert stream.status_code == 200 and '"code": "timeout"' in stream.text and stream.text.endswith("[DONE]\n\n")
     assert len(stopped) == 2 and all(r.completion_tokens < 200 for r in stopped)  # both rows stopped generating
     assert quick.status_code == 200
