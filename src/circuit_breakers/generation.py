@@ -18,6 +18,8 @@ from typing import Sequence
 
 import torch
 
+from .batching import length_sorted_batches
+
 
 def with_system_prompt(conversation: Sequence[dict], system_prompt: str | None) -> list[dict]:
     """`conversation` after a system turn of `system_prompt` (None: unchanged); a conversation that has a system
@@ -109,15 +111,13 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], *, prefills:
     if backend is not None:
         return backend.generate([tokenizer(t, add_special_tokens=False).input_ids for t in texts], max_new_tokens)
     lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
-    order = sorted(range(len(texts)), key=lengths.__getitem__)
     outputs: list[str] = [""] * len(texts)
     device = next(model.parameters()).device
     markers = call_marker_ids(tokenizer)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     try:
-        for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc=desc):
-            chunk = order[start:start + batch_size]
+        for chunk in tqdm(length_sorted_batches(lengths, batch_size), disable=not progress, desc=desc):
             batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(device)
             generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,

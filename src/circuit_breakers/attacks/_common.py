@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..batching import length_sorted_batches
 from ..generation import chat_prompt
 from ..tools.calls import call_marker_ids, decode_keeping_call_markers
 from .base import Behavior
@@ -152,10 +153,8 @@ def generate_from_ids(model, tokenizer, rows: Sequence[Sequence[int]], *, max_ne
     pad = _eos_pad(model, tokenizer)
     device = model_device(model)
     markers = call_marker_ids(tokenizer)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     outputs = [""] * len(rows)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for chunk in length_sorted_batches([len(row) for row in rows], batch_size):
         width = max(len(rows[i]) for i in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)

@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..batching import length_sorted_batches
 from ..data import TokenizedExample, collate
 from ..hidden import decoder_hidden_states
 from ..losses import token_cosines
@@ -31,11 +32,8 @@ def representation_similarity(model, baseline, items: Sequence[TokenizedExample]
     device = next(model.parameters()).device
     sums = {l: torch.zeros(2, dtype=torch.float64) for l in layers}
     count = 0.0
-    # Batches of similar length: less padding computed (tool-use items range over ~300-700 tokens).
-    order = sorted(range(len(items)), key=lambda i: items[i].length)
-    for start in range(0, len(order), batch_size):
-        chunk = [items[i] for i in order[start:start + batch_size]]
-        batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
+    for chunk in length_sorted_batches([item.length for item in items], batch_size):
+        batch = {k: v.to(device) for k, v in collate([items[i] for i in chunk], pad_token_id).items()}
         mask = (batch["response_mask"] if tokens == "response" else batch["attention_mask"]).float()
         a = decoder_hidden_states(arch, batch["input_ids"], batch["attention_mask"], layers)
         b = decoder_hidden_states(base_arch, batch["input_ids"], batch["attention_mask"], layers)

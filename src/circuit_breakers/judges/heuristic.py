@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..batching import length_sorted_batches
 from .base import LABELS, BaseJudge, BehaviorLike, Verdict, topic_of, user_message_of
 from .refusal import is_refusal
 
@@ -184,8 +185,7 @@ def response_nll(model, tokenizer, conversations: Sequence[list[dict]], outputs:
         rows.append(prompt + tokenizer(out, add_special_tokens=False).input_ids)
         starts.append(len(prompt))
     results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    for chunk in (order[k:k + batch_size] for k in range(0, len(order), batch_size)):
+    for chunk in length_sorted_batches([len(row) for row in rows], batch_size):
         width = max(len(rows[i]) for i in chunk)
         first = max(min(starts[i] for i in chunk) - 1, 0)  # the first position whose logits score a response token
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)

@@ -13,6 +13,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from ..batching import length_sorted_batches
 from ..data.formatting import ChatFormatter, TokenizedExample, collate, tokenize_examples
 from ..data.schema import Example
 from ..hidden import decoder_hidden_states
@@ -67,10 +68,9 @@ def response_token_features(model, items: Sequence[TokenizedExample], layers: in
             raise ValueError(f"layer must be in 0..{n} for a model with {n} blocks, got {layer}")
     items = [truncate_response(item, max_tokens_per_item) for item in items]
     device = next(model.parameters()).device
-    order = sorted(range(len(items)), key=lambda i: items[i].length)
     per_item: dict[int, list[torch.Tensor | None]] = {layer: [None] * len(items) for layer in wanted}
-    for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc=desc):
-        chunk = order[start:start + batch_size]
+    for chunk in tqdm(length_sorted_batches([item.length for item in items], batch_size), disable=not progress,
+                      desc=desc):
         batch = collate([items[i] for i in chunk], pad_token_id)
         states = decoder_hidden_states(arch, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                        wanted, stop_early=True)
