@@ -4,7 +4,7 @@ import json
 import pytest
 
 from circuit_breakers.cli import main
-from circuit_breakers.config import RRConfig, recipe_path
+from circuit_breakers.config import RECIPES_DIR, RRConfig, recipe_path, shipped_names
 from circuit_breakers.data import write_jsonl
 
 
@@ -52,11 +52,21 @@ def test_bad_data_file_is_an_error_naming_the_line(tmp_path, tiny_checkpoint, ca
 
 
 def test_shipped_recipes_load_and_validate():
-    for name in ("llama3-8b", "mistral-7b", "smollm2-135m"):
+    names = shipped_names(RECIPES_DIR)
+    assert {"llama3-8b", "mistral-7b", "smollm2-135m", "smollm2-135m-agent", "smollm2-135m-repbend"} <= set(names)
+    for name in names:
         config = RRConfig.load(recipe_path(name))
         assert config.steps > 0 and config.target_layers
     assert RRConfig.load(recipe_path("llama3-8b")).alpha == 10.0
     assert RRConfig.load(recipe_path("mistral-7b")).alpha == 5.0
+
+
+def test_train_help_lists_every_shipped_recipe(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "2000")  # argparse would otherwise wrap the list, at hyphens too
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert all(name in help_text for name in shipped_names(RECIPES_DIR))
 
 
 def test_unknown_recipe_name_lists_the_shipped_ones(capsys):

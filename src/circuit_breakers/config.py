@@ -320,6 +320,11 @@ def bounded(kind: type, bounds: Bounds):
     return parse
 
 
+def shipped_names(directory: Path) -> list[str]:
+    """The names of the YAML files shipped in `directory` (recipes, eval configs, accelerate configs)."""
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
 def shipped_yaml(name_or_path: str, directory: Path, option: str, what: str) -> Path:
     """A YAML file given by path, or by the name of one shipped in `directory` (`what`: a recipe, an eval
     config, an accelerate config); `option` names the command-line option in errors."""
@@ -330,7 +335,7 @@ def shipped_yaml(name_or_path: str, directory: Path, option: str, what: str) -> 
         return path
     shipped = directory / f"{name_or_path}.yaml"
     if not shipped.is_file():
-        names = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
+        names = ", ".join(shipped_names(directory))
         raise ConfigError(f"{option} {name_or_path}: no such file, and no shipped {what} of that name ({names})")
     return shipped
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import (INVALID, ConfigError, check_types, coerce, dataclass_from_dict, parse_overrides, read_yaml,
-                      shipped_yaml, type_name)
+                      shipped_names, shipped_yaml, type_name)
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 # The judges that take the original model as perplexity reference and can label answers to benign prompts:
@@ -186,7 +186,7 @@ def eval_config_path(name_or_path: str) -> Path:
 
 
 def shipped_eval_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    return shipped_names(CONFIGS_DIR)
 
 
 def load_eval_config(name_or_path: str) -> EvalConfig:

@@ -21,7 +21,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..config import COMMAND_LINE, ConfigError, RRConfig, parse_overrides, read_yaml, recipe_path, shipped_yaml
+from ..config import (COMMAND_LINE, RECIPES_DIR, ConfigError, RRConfig, parse_overrides, read_yaml, recipe_path,
+                      shipped_names, shipped_yaml)
 
 ACCELERATE_CONFIGS_DIR = Path(__file__).parent.parent / "accelerate_configs"
 
@@ -30,14 +31,15 @@ def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="circuit-break a model with Representation Rerouting",
                                   epilog="config keys:\n" + RRConfig.help(),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--config", help="YAML file or shipped recipe name (llama3-8b, mistral-7b, smollm2-135m)")
+    train.add_argument("--config", help="YAML file or shipped recipe name ("
+                                                f"{', '.join(shipped_names(RECIPES_DIR))})")
     train.add_argument("--model", help="hub id, checkpoint directory, .gguf file or smollm2-135m")
     train.add_argument("--out", help="output directory (required unless --resume)")
     train.add_argument("--resume", metavar="DIR",
                        help="continue a run: its output directory (newest checkpoint) or one of its "
                             "checkpoints/step-N; the run's own config is used")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    names = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS_DIR.glob("*.yaml")))
+    names = ", ".join(shipped_names(ACCELERATE_CONFIGS_DIR))
     train.add_argument("--accelerate-config", metavar="NAME",
                        help=f"start this command through `accelerate launch` with a shipped config ({names}) "
                             "or an accelerate YAML file")
