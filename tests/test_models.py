@@ -292,3 +292,18 @@ def test_load_sets_missing_pad_token(tmp_path, chat_tokenizer):
     tokenizer.save_pretrained(tmp_path)
     _, loaded = load_model(str(tmp_path), dtype="float32", device="cpu")
     assert loaded.pad_token == loaded.eos_token == "</s>"
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
+    import warnings
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without native bf16"):
+        assert models.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_dtype("bf16", cpu) == torch.bfloat16
+        assert resolve_dtype("float32", cpu) == torch.float32
+        assert resolve_dtype("auto", cpu) == torch.float32

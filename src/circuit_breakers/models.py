@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import platform
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,10 +210,22 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        resolved = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     except KeyError:
         raise ModelError(f"dtype: expected auto, float32, bfloat16 or float16, got {dtype!r}") from None
+    if resolved == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("dtype bfloat16 on a CPU without native bf16 matrix products (x86 without AVX512-BF16 or "
+                      "AMX): PyTorch converts, and this is likely slower than dtype=float32", stacklevel=2)
+    return resolved
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether bf16 matrix products run natively here (x86: AVX512-BF16 or AMX; other CPUs: assumed, as the
+    recent Arm cores have them), i.e. whether dtype bfloat16 is a speed-up on the CPU and not a slow-down."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
