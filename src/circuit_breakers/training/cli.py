@@ -31,8 +31,8 @@ def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="circuit-break a model with Representation Rerouting",
                                   epilog="config keys:\n" + RRConfig.help(),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--config", help="YAML file or shipped recipe name ("
-                                                f"{', '.join(shipped_names(RECIPES_DIR))})")
+    train.add_argument("--config",
+                       help=f"YAML file or shipped recipe name ({', '.join(shipped_names(RECIPES_DIR))})")
     train.add_argument("--model", help="hub id, checkpoint directory, .gguf file or smollm2-135m")
     train.add_argument("--out", help="output directory (required unless --resume)")
     train.add_argument("--resume", metavar="DIR",
