@@ -298,9 +298,13 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
     import warnings
 
     cpu = torch.device("cpu")
+    models._warn_bf16_is_converted.cache_clear()
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
-    with pytest.warns(UserWarning, match="without native bf16"):
-        assert models.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.warns(UserWarning, match="without native bf16") as record:
+        assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+        assert resolve_dtype("bf16", cpu) == torch.bfloat16
+    assert len(record) == 1  # once per process, not at every check and load
+    models._warn_bf16_is_converted.cache_clear()
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -18,6 +18,7 @@ vision tower and projector and merges image features into the embeddings before 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -215,9 +216,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     except KeyError:
         raise ModelError(f"dtype: expected auto, float32, bfloat16 or float16, got {dtype!r}") from None
     if resolved == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn("dtype bfloat16 on a CPU without native bf16 matrix products (x86 without AVX512-BF16 or "
-                      "AMX): PyTorch converts, and this is likely slower than dtype=float32", stacklevel=2)
+        _warn_bf16_is_converted()
     return resolved
+
+
+@functools.cache  # a fact about the machine: said once, not at every check and load that resolves the dtype
+def _warn_bf16_is_converted() -> None:
+    warnings.warn("dtype bfloat16 on a CPU without native bf16 matrix products (x86 without AVX512-BF16 or AMX): "
+                  "PyTorch converts, and this is likely slower than dtype=float32")
 
 
 def cpu_has_native_bf16() -> bool:
