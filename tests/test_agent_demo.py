@@ -35,6 +35,8 @@ def test_agent_demo_teaches_circuit_breaks_and_measures_both_models(agent_run):
     _, out, result = agent_run
     assert (out / "subject" / "teach.json").is_file() and (out / "model" / "config.json").is_file()
     assert result["subject"] == str(out / "subject") and result["teach_seconds"] > 0 and result["train_seconds"] > 0
+    # taught in the RR recipe's dtype, and recorded so (a subject taught in another dtype is not reused)
+    assert json.loads((out / "subject" / "teach.json").read_text())["settings"]["dtype"] == "float32"
     # the self-check ran on the held-out tool-use items at the target layer
     assert result["cosine"]["harmful"]["items"] == 3 and set(result["cosine"]["harmful"]["per_layer"]) == {"1"}
     assert set(result["breaker"]["layers"]) == {"1"}

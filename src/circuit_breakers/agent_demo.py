@@ -2,8 +2,9 @@
 (the paper's function-calling setting, method.md section 9), on a CPU.
 
 1. The subject. SmolLM2-135M-Instruct does not call tools, so it is first taught to
-   (`training.tool_sft.teach_tool_calls` at `TOOL_SFT_DEFAULTS` on the built-in benign tool-use train set; what
-   `train --teach-tools` runs) and saved to OUT/subject. Reused when OUT/subject was taught the same way.
+   (`training.tool_sft.teach_tool_calls` at `TOOL_SFT_DEFAULTS` on the built-in benign tool-use train set, in
+   the RR recipe's dtype; what `train --teach-tools` runs) and saved to OUT/subject. Reused when OUT/subject
+   was taught the same way.
 2. RR with the `smollm2-135m-agent` recipe on that subject (text and tool-use circuit-breaker and retain
    sets) into OUT/model; reused when OUT/config.yaml matches and the subject was not taught again.
 3. The self-check on held-out tool-use items: representations of the harmful test calls (the call that would
@@ -43,17 +44,18 @@ def agent_config(out: Path, overrides: list[str] = ()) -> RRConfig:
     return RRConfig.load(recipe_path(AGENT_RECIPE), [f"model={out / 'subject'}", *overrides])
 
 
-def make_subject(out: Path, *, base: str = SUBJECT_BASE, teach: dict | None = None, retrain: bool = False,
-                 progress: bool = True) -> float | None:
-    """Teach `base` (the embedded default) tool calls into OUT/subject unless it is there, taught the same way
-    (`teach`: teach_tool_calls settings over TOOL_SFT_DEFAULTS). Returns the seconds it took (None: reused)."""
+def make_subject(out: Path, *, base: str = SUBJECT_BASE, teach: dict | None = None, dtype: str = "auto",
+                 device: str = "auto", retrain: bool = False, progress: bool = True) -> float | None:
+    """Teach `base` (the embedded default) tool calls into OUT/subject, in `dtype` on `device`, unless it is
+    there, taught the same way (`teach`: teach_tool_calls settings over TOOL_SFT_DEFAULTS). Returns the seconds
+    it took (None: reused)."""
     from .data.builtin import builtin_tool_set
     from .models import base_model_name, load_model
     from .training.tool_sft import TOOL_SFT_DEFAULTS, save_tool_model, teach_tool_calls
 
     subject = out / "subject"
     teach = {**TOOL_SFT_DEFAULTS, **(teach or {})}
-    settings = {**teach, "model": base, "data": "builtin:tools_benign (train)"}
+    settings = {**teach, "model": base, "data": "builtin:tools_benign (train)", "dtype": dtype}
     try:
         taught = json.loads((subject / "teach.json").read_text(encoding="utf-8"))["settings"]
     except (OSError, ValueError, KeyError):
@@ -61,7 +63,7 @@ def make_subject(out: Path, *, base: str = SUBJECT_BASE, teach: dict | None = No
     if not retrain and taught is not None and all(taught.get(k) == v for k, v in settings.items()):
         print(f"reusing {subject} (taught with the same settings; --retrain to teach again)")
         return None
-    model, tokenizer = load_model(base)
+    model, tokenizer = load_model(base, dtype=dtype, device=device)
     examples = builtin_tool_set("benign", "train")
     log: list[dict] = []
 
@@ -112,7 +114,9 @@ def run_agent_demo(out_dir: str | Path = "runs/demo-agent", overrides: list[str]
     budget = eval_budget or AGENT_EVAL
     started = time.time()
     config = agent_config(out, overrides)
-    teach_seconds = make_subject(out, base=base, teach=teach, retrain=retrain, progress=progress)
+    # Taught in the recipe's dtype: bf16 where the recipe trains in it (the demo's time goes to these two steps).
+    teach_seconds = make_subject(out, base=base, teach=teach, dtype=config.dtype, device=config.device,
+                                 retrain=retrain, progress=progress)
     reused = teach_seconds is None and not retrain and trained_with(out, config)
     if reused:
         print(f"reusing {out}/model (trained with the same config on the same subject; --retrain to train again)")
