@@ -8,7 +8,8 @@ import pytest
 
 from circuit_breakers.cli import main
 from circuit_breakers.config import ConfigError
-from circuit_breakers.evaluation.comparison import SAFETY_PROMPT, pareto_front, parse_defences
+from circuit_breakers.evaluation.comparison import (SAFETY_PROMPT, comparison_table, pareto_front, parse_defences,
+                                                   results_front, table_rows, write_comparison)
 from circuit_breakers.evaluation.harness import read_samples
 from circuit_breakers.evaluation.pipeline import load_eval_config
 
@@ -117,6 +118,35 @@ def test_pareto_front_and_shipped_compare_config():
     names = [a.name for a in config.make_attacks()]
     assert names[:6] == ["direct", "prefilling", "templates", "gcg", "embedding_improved", "refusal_ablation"]
     assert names[6:] == ["finetune-0", "finetune-10", "finetune-50"]
+
+
+def _run(asr: float, over: float, perplexity: float) -> dict:
+    """The parts of a results.json comparison_table reads (one attack, over-refusal, perplexity), for a defence
+    ("model") beside the original ("baseline": ASR 90%, nothing unanswered, perplexity 2)."""
+    def side(asr, over, perplexity):
+        return ({"direct": {"asr": asr, "ci95": [0.0, 0.5], "broken": round(10 * asr), "n": 10}},
+                {"borderline": {"not_answered_rate": over, "not_answered_ci95": [0.0, 0.3], "n": 20}},
+                {"perplexity": perplexity, "n": 20, "tokens": 500})
+    (asr_m, over_m, ppl_m), (asr_b, over_b, ppl_b) = side(asr, over, perplexity), side(0.9, 0.0, 2.0)
+    return {"asr": {"model": asr_m, "baseline": asr_b},
+            "capability": {"over_refusal": {"model": over_m, "baseline": over_b},
+                           "perplexity": {"model": ppl_m, "baseline": ppl_b}}}
+
+
+def test_a_collapsed_defence_is_marked_degenerate_and_kept_off_the_pareto_front(tmp_path):
+    """A defence at 40x the original's perplexity answers nothing: its 0% ASR is no defence, so the table says
+    DEGENERATE and the front leaves it out (it would otherwise beat every real defence on ASR)."""
+    runs = {"rr": _run(0.2, 0.1, 2.5), "collapsed": _run(0.0, 0.05, 80.0)}
+    results = comparison_table(runs, base="base")
+    assert results["rows"]["original"]["perplexity"]["perplexity"] == 2.0
+    assert [n for n, r in results["rows"].items() if r["degenerate"]] == ["collapsed"]
+    assert pareto_front({n: (r["over_refusal"]["rate"], r["mean_asr"]) for n, r in results["rows"].items()}) \
+        == ["original", "collapsed"]  # what the front was before degenerate rows were left out
+    assert results_front(results) == ["original", "rr"]
+    _, rows = table_rows(results)
+    assert [r[0] for r in rows if "DEGENERATE" in r[-1]] == ["collapsed"]
+    md, _ = write_comparison(results, tmp_path)
+    assert "Left off it as degenerate" in md.read_text() and "collapsed." in md.read_text()
 
 
 def test_a_refusal_recipe_trains_inside_compare(tmp_path, tiny_checkpoint, capsys):
