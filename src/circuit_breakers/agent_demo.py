@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .atomic import atomic_write_text
 from .config import ConfigError, RRConfig, recipe_path
-from .demo import model_fingerprint, trained_with, breaker_report, eval_summary
+from .demo import breaker_report, eval_summary, trained_with
 from .evaluation.pipeline import EvalConfig, load_eval_config
 from .evaluation.stats import asr_text, rate_text
 
@@ -107,7 +107,7 @@ def run_agent_demo(out_dir: str | Path = "runs/demo-agent", overrides: list[str]
     from .evaluation.behaviors import load_behaviors
     from .evaluation.diagnostics import breaker_verdict
     from .evaluation.pipeline import run_evaluation
-    from .models import load_model
+    from .models import load_model, model_fingerprint
     from .training import RRTrainer
 
     out = Path(out_dir)

@@ -177,13 +177,6 @@ def _evaluated_samples(eval_dir: Path, n_prompts: int) -> list[dict]:
 # ---------------------------------------------------------------- the evaluation stage
 
 
-def model_fingerprint(model_dir: Path) -> dict:
-    """Size and modification time of the saved model's files: a rerun resumes only on the same weights."""
-    if not model_dir.is_dir():
-        return {}
-    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(model_dir.iterdir()) if p.is_file()}
-
-
 def run_demo_eval(broken, original, tokenizer, out: Path, config: RRConfig, budget: EvalConfig | None = None, *,
                   fresh_model: bool = False, progress: bool = True, labels: Path | None | bool = True) -> dict:
     """Evaluate the original ("baseline", before) and the circuit-broken model ("model", after) into OUT/eval.
@@ -195,6 +188,7 @@ def run_demo_eval(broken, original, tokenizer, out: Path, config: RRConfig, budg
     starts again.
     """
     from .evaluation.pipeline import run_evaluation
+    from .models import model_fingerprint
 
     budget = budget or DEMO_EVAL
     eval_dir = out / "eval"

@@ -463,6 +463,15 @@ def resolve_model_path(spec: str) -> str:
     return str(target)
 
 
+def model_fingerprint(model_dir: str | Path) -> dict:
+    """Size and modification time of a saved model's files ({} for a hub id): a rerun of an evaluation resumes
+    only on the same weights."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return {}
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(model_dir.iterdir()) if p.is_file()}
+
+
 def check_model(spec: str, *, dtype: str = "auto", device: str = "auto") -> None:
     """Everything `load_model` checks before it loads: device, dtype and what the spec names. For commands
     to call first, so that a bad --model or device fails in a second, before data or outputs are touched."""

@@ -182,3 +182,30 @@ def test_a_refusal_recipe_trains_inside_compare(tmp_path, tiny_checkpoint, capsy
     assert [r["step"] for r in log] == [1, 2] and all(r["c_s"] == r["c_r"] == 1.0 for r in log)
     assert all(r["rerouting_loss"] > 0 and r["retain_loss"] > 0 for r in log)  # the two cross-entropies
     assert (train / "model" / "config.json").is_file() and (out / "models" / "refusal" / "report.html").is_file()
+
+
+def test_a_rerun_reuses_finished_rows_and_evaluates_a_retrained_model_again(tmp_path, tiny_checkpoint,
+                                                                           second_checkpoint, capsys):
+    config = tmp_path / "budget.yaml"
+    config.write_text(CONFIG.replace("finetune: {ns: [0, 2], steps: 1, train_batch_size: 2, max_length: 320}",
+                                     "prefilling: {}"))
+    out = tmp_path / "cmp"
+    argv = ["compare", "--base", str(tiny_checkpoint), "--defence", f"a={tiny_checkpoint}", "--defence",
+            f"b={second_checkpoint}", "--eval-config", str(config), "--out", str(out), "--no-progress",
+            "--no-safety-prompt"]
+    assert main(argv) == 0
+    written = {n: (out / "models" / n / "results.json").stat().st_mtime_ns for n in ("a", "b")}
+    first = json.loads((out / "comparison.json").read_text())
+    capsys.readouterr()
+    assert main(argv) == 0  # nothing changed: both rows are read back, not evaluated
+    assert capsys.readouterr().out.count("reusing") == 2
+    assert {n: (out / "models" / n / "results.json").stat().st_mtime_ns for n in ("a", "b")} == written
+    assert json.loads((out / "comparison.json").read_text())["rows"] == first["rows"]
+    # b saved again into the same directory (same bytes, a new mtime): b, and only b, is evaluated again
+    model_file = next(second_checkpoint.glob("*.safetensors"))
+    model_file.write_bytes(model_file.read_bytes())
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "a: reusing" in printed and "evaluating b" in printed
+    assert (out / "models" / "a" / "results.json").stat().st_mtime_ns == written["a"]
+    assert (out / "models" / "b" / "results.json").stat().st_mtime_ns != written["b"]

@@ -6,7 +6,8 @@
 Each --defence is NAME=MODEL_DIR (a trained model, or a `train` output directory with model/ in it) or
 NAME=RECIPE (a training YAML or a shipped recipe name, trained on --base first into OUT/train/NAME/).
 Writes OUT/comparison.json, OUT/report.md, OUT/report.html (table and Pareto plot) and, per defence,
-OUT/models/NAME/ (that run's results.json and full report). The base model is also evaluated with the
+OUT/models/NAME/ (that run's results.json and full report; a rerun reuses it while the eval config and the
+model's files are unchanged). The base model is also evaluated with the
 paper's safety system prompt (row safety-prompt, OUT/models/safety-prompt/; --safety-prompt TEXT for
 another, --no-safety-prompt for none). See evaluation/comparison.py.
 

@@ -115,15 +115,26 @@ def _hand_on_baseline(previous: Path | None, out: Path) -> None:
         target.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
-def _stale(out: Path, config, model: str) -> bool:
-    """Whether OUT/models/<name> holds another config's or model's run (then it starts again)."""
+def _state(model: str, base: str) -> dict:
+    """What identifies a row's run: the model and base (paths or hub ids) and their saved files (size, mtime),
+    so that a model trained again into the same directory is evaluated again."""
+    from ..models import model_fingerprint
+
+    return {"model": str(model), "model_files": model_fingerprint(model), "baseline": str(base),
+            "baseline_files": model_fingerprint(base)}
+
+
+def _finished(out: Path, config, state: dict) -> dict | None:
+    """OUT/models/<name>/results.json when it is a finished run (it is written last) of this config on these very
+    models, else None: then the directory starts again (a run cut short included)."""
     from .harness import RESULTS_FILE
 
     try:
         previous = json.loads((out / RESULTS_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return (out / "samples.jsonl").exists()
-    return previous.get("eval_config") != config.to_dict() or previous.get("run", {}).get("model") != model
+        return None
+    same = previous.get("eval_config") == config.to_dict() and (previous.get("run") or {}).get("state") == state
+    return previous if same else None
 
 
 def compare(base: str, defences: dict[str, str] | list[str], config, out_dir, *, behaviors=None,
@@ -149,29 +160,37 @@ def compare(base: str, defences: dict[str, str] | list[str], config, out_dir, *,
     for name, (kind, path) in parsed.items():
         model_dir = train_defence(path, base, out / "train" / name, progress) if kind == "recipe" else path
         run_dir = out / "models" / name
-        if not resume or _stale(run_dir, config, model_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)
+        state = _state(model_dir, base)
+        finished = _finished(run_dir, config, state) if resume else None
+        if finished is not None:
+            print(f"compare: {name}: reusing {run_dir} (a finished run of this config on the same model files)")
+            runs[name], previous = finished, run_dir
+            continue
+        shutil.rmtree(run_dir, ignore_errors=True)
         _hand_on_baseline(previous, run_dir)
         model, tokenizer = load_model(model_dir, dtype=dtype, device=device)
         print(f"compare: evaluating {name} ({model_dir})")
         runs[name] = run_evaluation(
             model, tokenizer, config, run_dir, baseline=original, behaviors=behaviors, model_dir=model_dir,
             baseline_dir=base if Path(base).is_dir() else None, title=f"Circuit-breakers evaluation: {name}",
-            run_info={"model": model_dir, "baseline": base, "defence": name, "source": f"{kind} {path}"},
-            progress=progress)
+            run_info={"model": model_dir, "baseline": base, "defence": name, "source": f"{kind} {path}",
+                      "state": state}, progress=progress)
         del model
         previous = run_dir
     sources = {n: f"{k} {p}" for n, (k, p) in parsed.items()}
     if safety_prompt:
         prompted = dataclasses.replace(config, system_prompt=safety_prompt)
         run_dir = out / "models" / SAFETY_ROW
-        if not resume or _stale(run_dir, prompted, base):
+        state = _state(base, base)
+        finished = _finished(run_dir, prompted, state) if resume else None
+        if finished is None:
             shutil.rmtree(run_dir, ignore_errors=True)
-        print(f"compare: evaluating {SAFETY_ROW} ({base} with a safety system prompt)")
-        runs[SAFETY_ROW] = run_evaluation(
+        print(f"compare: {'reusing' if finished else 'evaluating'} {SAFETY_ROW} ({base} with a safety system prompt)")
+        runs[SAFETY_ROW] = finished or run_evaluation(
             *original, prompted, run_dir, behaviors=behaviors, model_dir=base if Path(base).is_dir() else None,
             title=f"Circuit-breakers evaluation: {SAFETY_ROW}", progress=progress,
-            run_info={"model": base, "defence": SAFETY_ROW, "source": f"system prompt: {safety_prompt}"})
+            run_info={"model": base, "defence": SAFETY_ROW, "source": f"system prompt: {safety_prompt}",
+                      "state": state})
         sources[SAFETY_ROW] = f"base model, system prompt: {safety_prompt}"
     results = comparison_table(runs, base=base, sources=sources)
     results["eval_config"] = config.to_dict()
