@@ -322,6 +322,20 @@ def _plotted(results: dict) -> dict[str, tuple[float, float]]:
             if (row.get("over_refusal") or {}).get("rate") is not None and row.get("mean_asr") is not None}
 
 
+def _label_places(points: dict[str, tuple[float, float]], *, height: float = 4.5, width: float = 28.0
+                  ) -> list[tuple[float, float]]:
+    """Where each point's label goes, in percent: just above-right of it, moved up past any label already
+    placed that it would overlap (defences often end within a few points of each other)."""
+    xy = list(points.values())
+    placed: dict[int, tuple[float, float]] = {}
+    for i in sorted(range(len(xy)), key=lambda i: (xy[i][1], xy[i][0])):  # from the bottom up
+        lx, ly = 100 * xy[i][0] + 2, 100 * xy[i][1] + 2
+        while any(abs(lx - px) < width and abs(ly - py) < height for px, py in placed.values()):
+            ly += height
+        placed[i] = (lx, ly)
+    return [placed[i] for i in range(len(xy))]
+
+
 def results_front(results: dict) -> list[str]:
     """The Pareto front of a comparison's rows, degenerate ones left out."""
     return pareto_front({name: point for name, point in _plotted(results).items()
@@ -346,8 +360,11 @@ def pareto_plot(results: dict) -> bytes | None:
         color = "#9e9e9e" if name == ORIGINAL else ("#1f77b4" if name in front else "#ff7f0e")
         ax.errorbar([100 * x], [100 * y], xerr=[[100 * errors[name][0]], [100 * errors[name][1]]],
                     fmt="x" if degenerate else "o", color="#d62728" if degenerate else color, capsize=3)
-        ax.annotate(f"{name} (degenerate)" if degenerate else name, (100 * x, 100 * y), textcoords="offset points",
-                    xytext=(6, 4), fontsize=9)
+    for name, (x, y), (lx, ly) in zip(points, points.values(), _label_places(points)):
+        label = f"{name} (degenerate)" if results["rows"][name].get("degenerate") else name
+        moved = (lx, ly) != (100 * x + 2, 100 * y + 2)
+        ax.annotate(label, (100 * x, 100 * y), xytext=(lx, ly), fontsize=8,
+                    arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "lw": 0.6} if moved else None)
     if len(front) > 1:
         ax.plot([100 * points[n][0] for n in front], [100 * points[n][1] for n in front], "--", color="#1f77b4",
                 lw=1, label="Pareto front")
