@@ -125,17 +125,21 @@ def _state(model: str, base: str) -> dict:
             "baseline_files": model_fingerprint(base)}
 
 
-def _finished(out: Path, config, state: dict) -> dict | None:
-    """OUT/models/<name>/results.json when it is a finished run (it is written last) of this config on these very
-    models, else None: then the directory starts again (a run cut short included)."""
+def _finished_or_cleared(out: Path, config, state: dict, resume: bool) -> dict | None:
+    """OUT/models/<name>/results.json when `resume` and it is a finished run (it is written last) of this config
+    on these very models; else None, and the directory is cleared to start again (a run cut short included)."""
+    import shutil
+
     from .harness import RESULTS_FILE
 
     try:
-        previous = json.loads((out / RESULTS_FILE).read_text(encoding="utf-8"))
+        previous = json.loads((out / RESULTS_FILE).read_text(encoding="utf-8")) if resume else {}
     except (OSError, json.JSONDecodeError):
-        return None
-    same = previous.get("eval_config") == config.to_dict() and (previous.get("run") or {}).get("state") == state
-    return previous if same else None
+        previous = {}
+    if previous.get("eval_config") == config.to_dict() and (previous.get("run") or {}).get("state") == state:
+        return previous
+    shutil.rmtree(out, ignore_errors=True)
+    return None
 
 
 def compare(base: str, defences: dict[str, str] | list[str], config, out_dir, *, behaviors=None,
@@ -147,7 +151,6 @@ def compare(base: str, defences: dict[str, str] | list[str], config, out_dir, *,
     `defences`: {name: model dir or recipe} or `NAME=...` strings (parse_defences checks them all before any
     model loads)."""
     import dataclasses
-    import shutil
 
     from ..models import load_model
     from .pipeline import run_evaluation
@@ -162,12 +165,11 @@ def compare(base: str, defences: dict[str, str] | list[str], config, out_dir, *,
         model_dir = train_defence(path, base, out / "train" / name, progress) if kind == "recipe" else path
         run_dir = out / "models" / name
         state = _state(model_dir, base)
-        finished = _finished(run_dir, config, state) if resume else None
+        finished = _finished_or_cleared(run_dir, config, state, resume)
         if finished is not None:
             print(f"compare: {name}: reusing {run_dir} (a finished run of this config on the same model files)")
             runs[name], previous = finished, run_dir
             continue
-        shutil.rmtree(run_dir, ignore_errors=True)
         _hand_on_baseline(previous, run_dir)
         model, tokenizer = load_model(model_dir, dtype=dtype, device=device)
         print(f"compare: evaluating {name} ({model_dir})")
@@ -183,9 +185,7 @@ def compare(base: str, defences: dict[str, str] | list[str], config, out_dir, *,
         prompted = dataclasses.replace(config, system_prompt=safety_prompt)
         run_dir = out / "models" / SAFETY_ROW
         state = _state(base, base)
-        finished = _finished(run_dir, prompted, state) if resume else None
-        if finished is None:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        finished = _finished_or_cleared(run_dir, prompted, state, resume)
         print(f"compare: {'reusing' if finished else 'evaluating'} {SAFETY_ROW} ({base} with a safety system prompt)")
         runs[SAFETY_ROW] = finished or run_evaluation(
             *original, prompted, run_dir, behaviors=behaviors, model_dir=base if Path(base).is_dir() else None,
@@ -350,21 +350,18 @@ def pareto_plot(results: dict) -> bytes | None:
     points = _plotted(results)
     if not points:
         return None
-    errors = {name: (over["rate"] - over["ci95"][0], over["ci95"][1] - over["rate"])
-              for name, over in ((n, results["rows"][n]["over_refusal"]) for n in points)}
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     front = results_front(results)
-    for name, (x, y) in points.items():
-        degenerate = results["rows"][name].get("degenerate")
+    for (name, (x, y)), (lx, ly) in zip(points.items(), _label_places(points)):
+        row = results["rows"][name]
+        low, high = row["over_refusal"]["ci95"]
         color = "#9e9e9e" if name == ORIGINAL else ("#1f77b4" if name in front else "#ff7f0e")
-        ax.errorbar([100 * x], [100 * y], xerr=[[100 * errors[name][0]], [100 * errors[name][1]]],
-                    fmt="x" if degenerate else "o", color="#d62728" if degenerate else color, capsize=3)
-    for name, (x, y), (lx, ly) in zip(points, points.values(), _label_places(points)):
-        label = f"{name} (degenerate)" if results["rows"][name].get("degenerate") else name
+        ax.errorbar([100 * x], [100 * y], xerr=[[100 * (x - low)], [100 * (high - x)]], capsize=3,
+                    fmt="x" if row.get("degenerate") else "o", color="#d62728" if row.get("degenerate") else color)
         moved = (lx, ly) != (100 * x + 2, 100 * y + 2)
-        ax.annotate(label, (100 * x, 100 * y), xytext=(lx, ly), fontsize=8,
-                    arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "lw": 0.6} if moved else None)
+        ax.annotate(f"{name} (degenerate)" if row.get("degenerate") else name, (100 * x, 100 * y), xytext=(lx, ly),
+                    fontsize=8, arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "lw": 0.6} if moved else None)
     if len(front) > 1:
         ax.plot([100 * points[n][0] for n in front], [100 * points[n][1] for n in front], "--", color="#1f77b4",
                 lw=1, label="Pareto front")
