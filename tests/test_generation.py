@@ -112,3 +112,66 @@ def test_with_system_prompt_adds_or_joins_a_system_turn():
     system = [{"role": "system", "content": "You are terse."}, *user]
     assert with_system_prompt(system, "Be safe.")[0] == {"role": "system", "content": "Be safe.\n\nYou are terse."}
     assert system[0]["content"] == "You are terse."  # the caller's conversation is not changed
+
+
+# ---------------------------------------------------------------- prompt caches kept for prompts that extend them
+
+
+def _left_padded(rows):
+    import torch
+
+    width = max(map(len, rows))
+    ids, mask = torch.zeros((len(rows), width), dtype=torch.long), torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):], mask[r, width - len(row):] = torch.tensor(row), 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def prompt_rows():
+    import torch
+
+    model = make_tiny_model("llama", vocab_size=300, layers=2)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (21, 34, 9, 27)]
+    return model, prompts
+
+
+def test_a_prompt_that_extends_a_kept_one_prefills_only_its_new_tokens(prompt_rows):
+    import torch
+
+    model, prompts = prompt_rows
+    extended = [p + [7, 8, 9][:1 + i % 3] for i, p in enumerate(prompts)]  # openings of different lengths
+    whole = generation.greedy_batch(model, *_left_padded(extended), max_new_tokens=6, pad_token_id=0)
+    with generation.reusing_prompt_caches(model) as store:
+        # Kept from two batches of other paddings than the extended prompts get.
+        generation.greedy_batch(model, *_left_padded(prompts[:3]), max_new_tokens=6, pad_token_id=0)
+        generation.greedy_batch(model, *_left_padded(prompts[3:]), max_new_tokens=6, pad_token_id=0)
+        assert len(store.rows) == 4 and store.reused_tokens == 0
+        reused = generation.greedy_batch(model, *_left_padded(extended), max_new_tokens=6, pad_token_id=0)
+        # Every row's cache covers the batch's first positions: up to the shortest opening's end.
+        width = max(map(len, extended))
+        pads = [width - len(e) for e in extended]
+        covered = min(pad + len(p) for pad, p in zip(pads, prompts))
+        assert store.reused_tokens == sum(covered - pad for pad in pads)
+        assert len(store.rows) == 8  # the extended prompts are kept too
+    assert torch.equal(reused, whole)
+    assert model not in generation._PROMPT_CACHES  # off again after the block
+
+
+def test_no_reuse_unless_every_row_extends_a_kept_prompt_or_past_the_memory_bound(prompt_rows):
+    import torch
+
+    model, prompts = prompt_rows
+    rows = [prompts[0] + [5], prompts[1][:10] + [6]]  # the second extends nothing kept
+    whole = generation.greedy_batch(model, *_left_padded(rows), max_new_tokens=4, pad_token_id=0)
+    with generation.reusing_prompt_caches(model) as store:
+        generation.greedy_batch(model, *_left_padded(prompts[:1]), max_new_tokens=4, pad_token_id=0)
+        assert torch.equal(generation.greedy_batch(model, *_left_padded(rows), max_new_tokens=4, pad_token_id=0), whole)
+        assert store.reused_tokens == 0
+        assert store.longest_prefix(tuple(prompts[0])) is None  # a prompt does not extend itself
+    with generation.reusing_prompt_caches(model, max_gb=1e-9) as store:  # a few bytes: nothing fits
+        generation.greedy_batch(model, *_left_padded(prompts[:1]), max_new_tokens=4, pad_token_id=0)
+        assert store.rows == {} and store.bytes == 0
+    with generation.reusing_prompt_caches(model, max_gb=0) as store:
+        assert store is None and model not in generation._PROMPT_CACHES

@@ -8,13 +8,19 @@ model itself (gradients, activations, hooks) keeps using the torch model.
 Conversations with `images` (a vision-language model; `tokenizer` its processor or the
 ProcessorTokenizer around it) are rendered by multimodal.processing.render_multimodal and generated one
 at a time by the torch model: their pixel tensors differ in shape from image to image.
+
+Inside `reusing_prompt_caches(model)` (the evaluation harness, per model) the prompt KV cache of every
+generated row is kept, and a later prompt that extends a kept one prefills only its new tokens: the forced
+call's prompt is the direct request's plus the call opening, prefilling's is it plus the prefill.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import weakref
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 
@@ -120,14 +126,126 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], *, prefills:
         for chunk in tqdm(length_sorted_batches(lengths, batch_size), disable=not progress, desc=desc):
             batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(device)
-            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id)
-            new = generated[:, batch["input_ids"].shape[1]:]
+            new = greedy_batch(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                               pad_token_id=tokenizer.pad_token_id)
             for i, row in zip(chunk, new):
                 outputs[i] = decode_keeping_call_markers(tokenizer, row, markers)
     finally:
         tokenizer.padding_side = side
     return outputs
+
+
+def cache_kwarg(model) -> str:
+    """transformers 5.x names the cache argument `cache` (and still accepts `past_key_values` for a
+    while); 4.x only knows `past_key_values`."""
+    from .models import unwrap
+
+    params = inspect.signature(unwrap(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward or `generate` returned (transformers 5.x: `cache`; 4.x: `past_key_values`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def greedy_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                 pad_token_id: int) -> torch.Tensor:
+    """The new tokens of `model.generate` on one left-padded batch, greedy. Under `reusing_prompt_caches(model)`
+    the batch starts from the kept caches of the prompts its rows extend, when every row extends one, and its
+    own prompts' caches are kept."""
+    store = _PROMPT_CACHES.get(model)
+    past = store.past_for(input_ids, attention_mask) if store is not None else None
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad_token_id, return_dict_in_generate=store is not None,
+                         **({} if past is None else {cache_kwarg(model): past}))
+    if store is None:
+        return out[:, input_ids.shape[1]:]
+    store.keep(input_ids, attention_mask, output_cache(out))
+    return out.sequences[:, input_ids.shape[1]:]
+
+
+class PromptCacheStore:
+    """Per-row prompt KV caches of earlier generations on one model, without their padding, kept first come,
+    first served up to `max_bytes`. A row's keys were rotated at its own positions, which left padding does
+    not move (position ids count real tokens), so its cache fits any batch it is padded into. Only plain
+    DynamicCache layers are kept (no sliding-window or other layer types)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.rows: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.reused_tokens = 0  # prompt tokens not prefilled again (for the tests and benchmarks)
+
+    def longest_prefix(self, ids: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The longest kept prompt that `ids` extends by at least one token."""
+        best = None
+        for key in self.rows:
+            if len(key) < len(ids) and (best is None or len(key) > len(best)) and ids[:len(key)] == key:
+                best = key
+        return best
+
+    def past_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """A DynamicCache of this left-padded batch's first positions, from kept rows; None unless every row
+        extends a kept prompt. It covers the positions every row has cached: min over rows of padding + kept
+        length (positions a row has no cache for at the left are its padding: zeros, masked)."""
+        if not self.rows:
+            return None
+        from transformers import DynamicCache
+
+        pads = (attention_mask == 0).sum(dim=1).tolist()
+        keys = [self.longest_prefix(tuple(row[pad:].tolist())) for row, pad in zip(input_ids, pads)]
+        if any(key is None for key in keys):
+            return None
+        width = min(pad + len(key) for pad, key in zip(pads, keys))
+        cache = DynamicCache()
+        for layer in range(len(self.rows[keys[0]])):
+            sample_k, sample_v = self.rows[keys[0]][layer]
+            k = sample_k.new_zeros((len(keys), sample_k.shape[0], width, sample_k.shape[-1]))
+            v = sample_v.new_zeros((len(keys), sample_v.shape[0], width, sample_v.shape[-1]))
+            for r, (pad, key) in enumerate(zip(pads, keys)):
+                kept_k, kept_v = self.rows[key][layer]
+                k[r, :, pad:width], v[r, :, pad:width] = kept_k[:, :width - pad], kept_v[:, :width - pad]
+            cache.update(k, v, layer)
+        self.reused_tokens += sum(width - pad for pad in pads if width > pad)
+        return cache
+
+    def keep(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> None:
+        """Keep each row's prompt part of `cache` (the cache `generate` returned for this batch)."""
+        layers = getattr(cache, "layers", None)
+        if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            return
+        width = input_ids.shape[1]
+        pads = (attention_mask == 0).sum(dim=1).tolist()
+        for r, pad in enumerate(pads):
+            key = tuple(input_ids[r, pad:].tolist())
+            if key in self.rows:
+                continue
+            row = [(layer.keys[r, :, pad:width].clone(), layer.values[r, :, pad:width].clone()) for layer in layers]
+            size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in row)
+            if self.bytes + size > self.max_bytes:
+                return
+            self.rows[key] = row
+            self.bytes += size
+
+
+_PROMPT_CACHES: "weakref.WeakKeyDictionary[torch.nn.Module, PromptCacheStore]" = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def reusing_prompt_caches(model: torch.nn.Module, max_gb: float = 1.0) -> Iterator[PromptCacheStore | None]:
+    """Within: `generate` on `model` keeps its prompts' KV caches (up to `max_gb`) and starts a prompt that
+    extends a kept one from that cache. Greedy outputs are those of a full prefill up to the last bits of the
+    arithmetic (a cached row was computed in another batch). `max_gb` 0, or no torch model: off (yields None)."""
+    if max_gb <= 0 or not isinstance(model, torch.nn.Module):
+        yield None
+        return
+    store = _PROMPT_CACHES[model] = PromptCacheStore(int(max_gb * 2**30))
+    try:
+        yield store
+    finally:
+        _PROMPT_CACHES.pop(model, None)
 
 
 @torch.no_grad()

@@ -6,8 +6,10 @@ from circuit_breakers.attacks import ATTACKS, make_attack
 from circuit_breakers.attacks import forced_call as forced_call_module
 from circuit_breakers.attacks._common import SLOT_MARKER, slot_prompt
 from circuit_breakers.attacks.base import Behavior, budget_of
+from circuit_breakers.attacks.direct import DirectConfig, DirectRequest
 from circuit_breakers.attacks.forced_call import ForcedCall, ForcedCallConfig
 from circuit_breakers.evaluation.harness import model_words
+from circuit_breakers.generation import reusing_prompt_caches
 from circuit_breakers.tools.calls import ToolCall, parse_tool_calls
 from circuit_breakers.tools.forcing import call_opening
 from ..helpers import make_tiny_model, make_tool_tokenizer
@@ -50,6 +52,20 @@ def test_the_attack_prefills_the_models_own_call_opening(setup, name_the_tool):
     greedy = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id)
     assert outs[0].extra["continuation"] == tokenizer.decode(greedy[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_after_the_direct_request_only_the_call_opening_is_prefilled(setup):
+    """The forced prompt is the direct request's plus the opening, token for token: within the harness's
+    `reusing_prompt_caches` it starts from the direct request's kept caches, with the same greedy output."""
+    tokenizer, model = setup
+    cfg = ForcedCallConfig(max_new_tokens=4)
+    alone = ForcedCall(cfg).run(model, tokenizer, BEHAVIORS)
+    with reusing_prompt_caches(model) as store:
+        direct = DirectRequest(DirectConfig(max_new_tokens=4)).run(model, tokenizer, BEHAVIORS)
+        after_direct = ForcedCall(cfg).run(model, tokenizer, BEHAVIORS)
+    direct_tokens = [len(tokenizer(o.extra["prompt_text"], add_special_tokens=False).input_ids) for o in direct]
+    assert store.reused_tokens == sum(direct_tokens)  # the two prompts are padded alike: all of them reused
+    assert [o.generations for o in after_direct] == [o.generations for o in alone]
 
 
 def test_a_completed_prefilled_call_is_parsed_back(setup, monkeypatch):

@@ -210,3 +210,31 @@ def test_results_name_the_judges_held_out_agreement(tmp_path):
     assert heldout == shipped_heldout() and heldout["refusal"]["n"] >= 300
     assert "never fitted on" in _heldout_text(results["judge"]) and f"n={heldout['refusal']['n']}" in \
         _heldout_text(results["judge"])
+
+
+def test_a_models_later_attacks_reuse_the_prompt_caches_of_its_earlier_ones(tmp_path, chat_tokenizer, monkeypatch):
+    """Prefilling's prompts extend the direct request's: with the kept caches (the default) it prefills only
+    the prefill, and every sample is what it is with them off."""
+    from circuit_breakers import attacks, generation
+
+    from ..helpers import make_tiny_model
+
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=2)
+    reused = []
+    past_for = generation.PromptCacheStore.past_for
+
+    def spy(store, input_ids, attention_mask):
+        past = past_for(store, input_ids, attention_mask)
+        reused.append(past is not None)
+        return past
+
+    monkeypatch.setattr(generation.PromptCacheStore, "past_for", spy)
+    runs = {}
+    for gb in (1.0, 0):
+        made = [attacks.make_attack(name, max_new_tokens=4) for name in ("direct", "prefilling")]
+        evaluate(model, chat_tokenizer, BEHAVIORS[:3], made, RefusalJudge(), tmp_path / str(gb), progress=False,
+                 baseline=model, prompt_cache_gb=gb)
+        samples = read_samples(tmp_path / str(gb) / "samples.jsonl")
+        runs[gb] = [(r["model"], r["attack"], r["behavior_id"], r["output"]) for r in samples]
+    assert runs[1.0] == runs[0] and len(runs[0]) == 12
+    assert reused == [False, True] * 2  # per model: direct keeps, prefilling reuses; nothing at 0 GiB

@@ -16,7 +16,6 @@ end-of-turn tokens come after the slot.
 from __future__ import annotations
 
 import copy
-import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -24,7 +23,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..batching import length_sorted_batches
-from ..generation import chat_prompt
+from ..generation import cache_kwarg, chat_prompt, greedy_batch
 from ..tools.calls import call_marker_ids, decode_keeping_call_markers
 from .base import Behavior
 
@@ -78,15 +77,6 @@ def encode(tokenizer, text: str) -> list[int]:
 # ---------------------------------------------------------------- forward passes with a prefix cache
 
 
-def _cache_kwarg(model) -> str:
-    """transformers 5.x names the cache argument `cache` (and still accepts `past_key_values` for a
-    while); 4.x only knows `past_key_values`."""
-    from ..models import unwrap
-
-    params = inspect.signature(unwrap(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 class PrefixCache:
     """The KV cache of a fixed prefix, computed once and handed out fresh (batch-expanded) per forward.
 
@@ -96,7 +86,7 @@ class PrefixCache:
 
     def __init__(self, model, prefix_ids: Sequence[int]):
         self.model = model
-        self.kwarg = _cache_kwarg(model)
+        self.kwarg = cache_kwarg(model)
         self.length = len(prefix_ids)
         ids = torch.tensor([list(prefix_ids)], device=model_device(model))
         with torch.no_grad():
@@ -162,10 +152,9 @@ def generate_from_ids(model, tokenizer, rows: Sequence[Sequence[int]], *, max_ne
             row = list(rows[i])
             ids[r, width - len(row):] = torch.tensor(row)
             mask[r, width - len(row):] = 1
-        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        new = greedy_batch(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, pad_token_id=pad)
         for r, i in enumerate(chunk):
-            outputs[i] = decode_keeping_call_markers(tokenizer, generated[r, width:], markers)
+            outputs[i] = decode_keeping_call_markers(tokenizer, new[r], markers)
     return outputs
 
 

@@ -36,6 +36,7 @@ import torch
 from ..attacks.base import AttackOutput, Behavior, budget_of, check_attacks_take_images
 from ..atomic import atomic_write_text
 from ..data.schema import DataError
+from ..generation import reusing_prompt_caches
 from ..judges.base import ERROR, LABELS, MEASURES, Verdict
 from .stats import wilson_interval
 
@@ -240,7 +241,8 @@ def _sample_records(output: AttackOutput, behavior: Behavior, verdicts, *, model
 
 def evaluate(model, tokenizer, behaviors: Sequence[Behavior], attacks: list, judge, out_dir: str | Path, *,
              baseline=None, seed: int = 0, resume: bool = True, chunk_size: int | None = None, progress: bool = True,
-             model_name: str = MODEL_NAME, extra: dict | None = None, judge_full_turn: bool = False) -> dict:
+             model_name: str = MODEL_NAME, extra: dict | None = None, judge_full_turn: bool = False,
+             prompt_cache_gb: float = 1.0) -> dict:
     """Attack, judge and score; returns the results dict also written to OUT/results.json.
 
     `baseline` is the original model (sharing `tokenizer`) or a (model, tokenizer) pair; it is
@@ -252,6 +254,10 @@ def evaluate(model, tokenizer, behaviors: Sequence[Behavior], attacks: list, jud
     The judge reads the model's own words: when an output's `extra["prefill"]` (prefilling) opens a
     generation, only the continuation is judged (the sample keeps the whole turn as `output` and
     says `"judged": "continuation"`); `judge_full_turn=True` judges the whole assistant turn.
+
+    Each model's attacks share kept prompt caches (`generation.reusing_prompt_caches`, up to `prompt_cache_gb`;
+    0: off): a later attack whose prompt extends an earlier one's (forced call, prefilling after direct) prefills
+    only its new tokens.
     """
     from tqdm.auto import tqdm
 
@@ -286,25 +292,26 @@ def evaluate(model, tokenizer, behaviors: Sequence[Behavior], attacks: list, jud
     by_id = {b.id: b for b in behaviors}
     with SampleWriter(samples_path) as writer:
         for name, m, tok in _models(model, tokenizer, baseline, model_name):
-            for attack in attacks:
-                budget = _attack_budget(attack)
-                todo = [b for b in behaviors if b.id not in done[(name, attack.name)]]
-                step = chunk_size or getattr(getattr(attack, "config", None), "batch_size", None) or 8
-                bar = tqdm(total=len(behaviors), initial=len(behaviors) - len(todo), desc=f"{name}/{attack.name}",
-                           disable=not progress, unit="behaviour")
-                seed_everything(seed)
-                try:
-                    for start in range(0, len(todo), step):
-                        chunk = todo[start:start + step]
-                        t0 = time.time()
-                        outputs = attack.run(m, tok, chunk)
-                        elapsed = (time.time() - t0) / max(1, len(chunk))
-                        _judge_and_write(outputs, chunk, by_id, judge, writer, name, judge_name, budget, elapsed,
-                                         attack.name, judge_full_turn)
-                        done[(name, attack.name)].update(o.behavior_id for o in outputs)
-                        bar.update(len(chunk))
-                finally:
-                    bar.close()
+            with reusing_prompt_caches(m, prompt_cache_gb):
+                for attack in attacks:
+                    budget = _attack_budget(attack)
+                    todo = [b for b in behaviors if b.id not in done[(name, attack.name)]]
+                    step = chunk_size or getattr(getattr(attack, "config", None), "batch_size", None) or 8
+                    bar = tqdm(total=len(behaviors), initial=len(behaviors) - len(todo),
+                               desc=f"{name}/{attack.name}", disable=not progress, unit="behaviour")
+                    seed_everything(seed)
+                    try:
+                        for start in range(0, len(todo), step):
+                            chunk = todo[start:start + step]
+                            t0 = time.time()
+                            outputs = attack.run(m, tok, chunk)
+                            elapsed = (time.time() - t0) / max(1, len(chunk))
+                            _judge_and_write(outputs, chunk, by_id, judge, writer, name, judge_name, budget, elapsed,
+                                             attack.name, judge_full_turn)
+                            done[(name, attack.name)].update(o.behavior_id for o in outputs)
+                            bar.update(len(chunk))
+                    finally:
+                        bar.close()
 
     records = read_samples(samples_path)
     results = build_results(records, behaviors, attacks, judge, seed=seed,

@@ -65,6 +65,9 @@ class EvalConfig:
     # a system prompt for every attack (unless the attack sets its own) and every capability prompt, for both
     # models: the safety-prompt baseline (compare's "safety-prompt" row, SAFETY_PROMPT)
     system_prompt: str | None = None
+    # memory for the prompt KV caches a model's later attacks reuse (the forced call's and prefilling's prompts
+    # extend the direct request's: only their new tokens are prefilled); 0 = off (every prompt prefilled whole)
+    prompt_cache_gb: float = 1.0
     diagnostics: bool = True  # representation cosines against the baseline
     diagnostics_items: int | None = None  # held-out harmful and benign items each (None: all)
     seed: int = 0
@@ -96,6 +99,9 @@ class EvalConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key}: expected a positive integer or null, got {value}")
+        if self.prompt_cache_gb < 0:
+            raise ConfigError(f"prompt_cache_gb: expected 0 (off) or a positive number of GiB, "
+                              f"got {self.prompt_cache_gb}")
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "eval config") -> "EvalConfig":
@@ -386,7 +392,8 @@ def _attack(model, tokenizer, baseline, behaviors: list, judge, out: Path, confi
               (few, optimised, config.optimised_on_original)]
     for i, (group_behaviors, group, on_baseline) in enumerate([g for g in groups if g[0] and g[1]]):
         options = dict(baseline=baseline if on_baseline else None, seed=config.seed, resume=resume or i > 0,
-                       progress=progress, extra=extra, judge_full_turn=config.judge_full_turn)
+                       progress=progress, extra=extra, judge_full_turn=config.judge_full_turn,
+                       prompt_cache_gb=config.prompt_cache_gb)
         if world > 1:
             evaluate_sharded(model, tokenizer, group_behaviors, group, judge, out, rank=rank, world=world, **options)
         else:

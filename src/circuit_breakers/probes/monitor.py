@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..generation import chat_prompt
+from ..generation import cache_kwarg, chat_prompt, output_cache
 from ..hidden import _StopForward, _first_tensor
 from ..models import find_architecture
 from .probe import Probe, ProbeError, sigmoid
@@ -288,7 +288,7 @@ def _generate_chunk(model, tokenizer, monitor: ProbeMonitor, batch, max_new_toke
         last = sequences[:, -1]
         pending = ~monitor.tripped & ~monitor.finished & ~torch.isin(last, monitor._eos)
         if generated > 0 and bool(pending.any()):
-            _score_last_token(monitor, sequences, batch["attention_mask"], _output_cache(out))
+            _score_last_token(monitor, sequences, batch["attention_mask"], output_cache(out))
     logits = monitor.step_logits_matrix()
     n_scored = monitor.n_scored.cpu().tolist()
     tripped = monitor.tripped.cpu().tolist()
@@ -305,16 +305,10 @@ def _generate_chunk(model, tokenizer, monitor: ProbeMonitor, batch, max_new_toke
 
 
 def _cache_kwargs(module, cache, **extra) -> dict:
-    """The KV-cache argument under its name for this transformers version (`cache` from 5.x on)."""
+    """The KV-cache argument under its name for this transformers version, and those of `extra` the
+    module's forward takes (e.g. cache_position before 5.x)."""
     params = inspect.signature(module.forward).parameters
-    kwargs = {"cache" if "cache" in params else "past_key_values": cache}
-    kwargs.update({k: v for k, v in extra.items() if k in params})  # e.g. cache_position before 5.x
-    return kwargs
-
-
-def _output_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
+    return {cache_kwarg(module): cache, **{k: v for k, v in extra.items() if k in params}}
 
 
 def _score_last_token(monitor: ProbeMonitor, sequences: torch.Tensor, prompt_mask: torch.Tensor, past) -> None:
@@ -372,7 +366,7 @@ def monitored_stream(model, tokenizer, conversation_or_prompt, probe: Probe, *, 
             logits[eos] = -torch.inf
         return int(logits.argmax())
 
-    past = _output_cache(out)
+    past = output_cache(out)
     next_id = greedy(out.logits[0, -1])
     for step in range(max_new_tokens):
         if next_id in monitor.eos:
@@ -398,6 +392,6 @@ def monitored_stream(model, tokenizer, conversation_or_prompt, probe: Probe, *, 
         yield piece, sigmoid(logit)
         if out is None:
             break
-        past = _output_cache(out)
+        past = output_cache(out)
         next_id = greedy(out.logits[0, -1])
     yield finish()
