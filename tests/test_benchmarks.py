@@ -1,4 +1,5 @@
-"""benchmarks/train_step.py on the tiny shape: both variants run and their step-1 losses agree."""
+"""The benchmark scripts on tiny models: train_step.py (both variants run, their step-1 losses agree),
+recipe_robustness.py and prompt_cache.py."""
 import importlib.util
 import json
 import sys
@@ -120,3 +121,16 @@ def test_recipe_robustness_of_an_agent_recipe_measures_the_tool_use_items(tmp_pa
     run = json.loads((out / "results.json").read_text())["runs"][0]
     assert run["spec"]["agent"] and run["cosine"]["harmful"]["items"] == run["cosine"]["benign"]["items"] == 40
     assert set(run["verdict"]["layers"]) == {"1"} and run["verdict"]["borderline_kept"] is None
+
+
+def test_prompt_cache_benchmark_on_a_tiny_model(capsys):
+    """The agent eval (direct, then forced_call) with the prompt caches off and on: same outputs."""
+    path = SCRIPT.parent / "prompt_cache.py"
+    spec = importlib.util.spec_from_file_location("bench_prompt_cache", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--limit", "4", "--max-new-tokens", "3"])
+    printed = capsys.readouterr().out
+    assert "off (prompt_cache_gb 0.0)" in printed and "on (prompt_cache_gb 1.0)" in printed
+    assert "4 behaviours x (direct, forced_call), max_new_tokens 3" in printed
+    assert "outputs differing 0 of 8" in printed
