@@ -290,28 +290,33 @@ def evaluate(model, tokenizer, behaviors: Sequence[Behavior], attacks: list, jud
             attack.score_fn = judge_score_fn(judge)
     started = time.time()
     by_id = {b.id: b for b in behaviors}
+
+    def run(attack, name: str, m, tok, writer: SampleWriter) -> None:
+        """The behaviours `attack` has not yet run on model `name`, in chunks, each judged and written."""
+        budget = _attack_budget(attack)
+        todo = [b for b in behaviors if b.id not in done[(name, attack.name)]]
+        step = chunk_size or getattr(getattr(attack, "config", None), "batch_size", None) or 8
+        bar = tqdm(total=len(behaviors), initial=len(behaviors) - len(todo), desc=f"{name}/{attack.name}",
+                   disable=not progress, unit="behaviour")
+        seed_everything(seed)
+        try:
+            for start in range(0, len(todo), step):
+                chunk = todo[start:start + step]
+                t0 = time.time()
+                outputs = attack.run(m, tok, chunk)
+                elapsed = (time.time() - t0) / max(1, len(chunk))
+                _judge_and_write(outputs, chunk, by_id, judge, writer, name, judge_name, budget, elapsed,
+                                 attack.name, judge_full_turn)
+                done[(name, attack.name)].update(o.behavior_id for o in outputs)
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+
     with SampleWriter(samples_path) as writer:
         for name, m, tok in _models(model, tokenizer, baseline, model_name):
             with reusing_prompt_caches(m, prompt_cache_gb):
                 for attack in attacks:
-                    budget = _attack_budget(attack)
-                    todo = [b for b in behaviors if b.id not in done[(name, attack.name)]]
-                    step = chunk_size or getattr(getattr(attack, "config", None), "batch_size", None) or 8
-                    bar = tqdm(total=len(behaviors), initial=len(behaviors) - len(todo),
-                               desc=f"{name}/{attack.name}", disable=not progress, unit="behaviour")
-                    seed_everything(seed)
-                    try:
-                        for start in range(0, len(todo), step):
-                            chunk = todo[start:start + step]
-                            t0 = time.time()
-                            outputs = attack.run(m, tok, chunk)
-                            elapsed = (time.time() - t0) / max(1, len(chunk))
-                            _judge_and_write(outputs, chunk, by_id, judge, writer, name, judge_name, budget, elapsed,
-                                             attack.name, judge_full_turn)
-                            done[(name, attack.name)].update(o.behavior_id for o in outputs)
-                            bar.update(len(chunk))
-                    finally:
-                        bar.close()
+                    run(attack, name, m, tok, writer)
 
     records = read_samples(samples_path)
     results = build_results(records, behaviors, attacks, judge, seed=seed,
