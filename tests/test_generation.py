@@ -175,3 +175,17 @@ def test_no_reuse_unless_every_row_extends_a_kept_prompt_or_past_the_memory_boun
         assert store.rows == {} and store.bytes == 0
     with generation.reusing_prompt_caches(model, max_gb=0) as store:
         assert store is None and model not in generation._PROMPT_CACHES
+
+
+def test_a_generation_under_hooks_neither_keeps_nor_reuses_prompt_caches(chat_tokenizer):
+    """`torch_only` marks a model changed by hooks (refusal-direction ablation): caches computed without
+    them must not seed its prompts, nor its caches later ones."""
+    model = make_tiny_model("llama", vocab_size=len(chat_tokenizer), layers=2)
+    with generation.reusing_prompt_caches(model) as store:
+        generate(model, chat_tokenizer, CONVERSATIONS[:1], max_new_tokens=2)
+        kept = dict(store.rows)
+        generate(model, chat_tokenizer, CONVERSATIONS[:1], prefills=["Sure"], max_new_tokens=2, torch_only=True)
+        generate(model, chat_tokenizer, CONVERSATIONS[1:], max_new_tokens=2, torch_only=True)
+        assert store.rows.keys() == kept.keys() and store.reused_tokens == 0
+        generate(model, chat_tokenizer, CONVERSATIONS[:1], prefills=["Sure"], max_new_tokens=2)
+        assert store.reused_tokens > 0  # the same prompt without hooks does reuse it

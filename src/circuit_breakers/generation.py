@@ -88,8 +88,9 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], *, prefills:
              progress: bool = False, desc: str = "generating", torch_only: bool = False,
              images: Sequence[Sequence] | None = None) -> list[str]:
     """Greedy completions, batched by similar prompt length; returns the new text only. `tools`: each
-    conversation's tool definitions (or None). `torch_only`: never the vLLM backend (for a model changed by
-    hooks, which vLLM's copy of the weights would not see). `images`: each conversation's images (paths,
+    conversation's tool definitions (or None). `torch_only`: never the vLLM backend nor kept prompt caches (for
+    a model changed by hooks, which vLLM's copy of the weights and caches computed without them would not
+    see). `images`: each conversation's images (paths,
     bytes or PIL images; empty for none), shown in its last user turn."""
     from tqdm.auto import tqdm
 
@@ -127,7 +128,7 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], *, prefills:
             batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(device)
             new = greedy_batch(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
-                               pad_token_id=tokenizer.pad_token_id)
+                               pad_token_id=tokenizer.pad_token_id, prompt_caches=not torch_only)
             for i, row in zip(chunk, new):
                 outputs[i] = decode_keeping_call_markers(tokenizer, row, markers)
     finally:
@@ -151,11 +152,11 @@ def output_cache(out):
 
 
 def greedy_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-                 pad_token_id: int) -> torch.Tensor:
+                 pad_token_id: int, prompt_caches: bool = True) -> torch.Tensor:
     """The new tokens of `model.generate` on one left-padded batch, greedy. Under `reusing_prompt_caches(model)`
-    the batch starts from the kept caches of the prompts its rows extend, when every row extends one, and its
-    own prompts' caches are kept."""
-    store = _PROMPT_CACHES.get(model)
+    (and `prompt_caches`: False for a model changed by hooks) the batch starts from the kept caches of the
+    prompts its rows extend, when every row extends one, and its own prompts' caches are kept."""
+    store = _PROMPT_CACHES.get(model) if prompt_caches else None
     past = store.past_for(input_ids, attention_mask) if store is not None else None
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=pad_token_id, return_dict_in_generate=store is not None,
