@@ -185,7 +185,12 @@ def test_a_refusal_recipe_trains_inside_compare(tmp_path, tiny_checkpoint, capsy
 
 
 def test_a_rerun_reuses_finished_rows_and_evaluates_a_retrained_model_again(tmp_path, tiny_checkpoint,
-                                                                           second_checkpoint, capsys):
+                                                                           second_checkpoint, capsys, monkeypatch):
+    from circuit_breakers import models
+
+    loaded = []
+    load_model = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda path, **kw: loaded.append(str(path)) or load_model(path, **kw))
     config = tmp_path / "budget.yaml"
     config.write_text(CONFIG.replace("finetune: {ns: [0, 2], steps: 1, train_batch_size: 2, max_length: 320}",
                                      "prefilling: {}"))
@@ -197,8 +202,10 @@ def test_a_rerun_reuses_finished_rows_and_evaluates_a_retrained_model_again(tmp_
     written = {n: (out / "models" / n / "results.json").stat().st_mtime_ns for n in ("a", "b")}
     first = json.loads((out / "comparison.json").read_text())
     capsys.readouterr()
+    loaded.clear()
     assert main(argv) == 0  # nothing changed: both rows are read back, not evaluated
     assert capsys.readouterr().out.count("reusing") == 2
+    assert loaded == []  # not even the base model is loaded
     assert {n: (out / "models" / n / "results.json").stat().st_mtime_ns for n in ("a", "b")} == written
     assert json.loads((out / "comparison.json").read_text())["rows"] == first["rows"]
     # b saved again into the same directory (same bytes, a new mtime): b, and only b, is evaluated again
@@ -207,5 +214,6 @@ def test_a_rerun_reuses_finished_rows_and_evaluates_a_retrained_model_again(tmp_
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "a: reusing" in printed and "evaluating b" in printed
+    assert sorted(loaded) == sorted([str(tiny_checkpoint), str(second_checkpoint)])  # the base, once; b
     assert (out / "models" / "a" / "results.json").stat().st_mtime_ns == written["a"]
     assert (out / "models" / "b" / "results.json").stat().st_mtime_ns != written["b"]

@@ -151,6 +151,7 @@ def compare(base: str, defences: dict[str, str] | list[str], config, out_dir, *,
     `defences`: {name: model dir or recipe} or `NAME=...` strings (parse_defences checks them all before any
     model loads)."""
     import dataclasses
+    import functools
 
     from ..models import load_model
     from .pipeline import run_evaluation
@@ -158,7 +159,8 @@ def compare(base: str, defences: dict[str, str] | list[str], config, out_dir, *,
     specs = [f"{k}={v}" for k, v in defences.items()] if isinstance(defences, dict) else list(defences)
     parsed = parse_defences(specs)
     out = Path(out_dir)
-    original = load_model(base, dtype=dtype, device=device)
+    # Loaded when a row is evaluated: a rerun whose rows are all finished reads them back without it.
+    original = functools.cache(lambda: load_model(base, dtype=dtype, device=device))
     runs: dict[str, dict] = {}
     previous = None
     for name, (kind, path) in parsed.items():
@@ -174,7 +176,7 @@ def compare(base: str, defences: dict[str, str] | list[str], config, out_dir, *,
         model, tokenizer = load_model(model_dir, dtype=dtype, device=device)
         print(f"compare: evaluating {name} ({model_dir})")
         runs[name] = run_evaluation(
-            model, tokenizer, config, run_dir, baseline=original, behaviors=behaviors, model_dir=model_dir,
+            model, tokenizer, config, run_dir, baseline=original(), behaviors=behaviors, model_dir=model_dir,
             baseline_dir=base if Path(base).is_dir() else None, title=f"Circuit-breakers evaluation: {name}",
             run_info={"model": model_dir, "baseline": base, "defence": name, "source": f"{kind} {path}",
                       "state": state}, progress=progress)
@@ -188,7 +190,7 @@ def compare(base: str, defences: dict[str, str] | list[str], config, out_dir, *,
         finished = _finished_or_cleared(run_dir, prompted, state, resume)
         print(f"compare: {'reusing' if finished else 'evaluating'} {SAFETY_ROW} ({base} with a safety system prompt)")
         runs[SAFETY_ROW] = finished or run_evaluation(
-            *original, prompted, run_dir, behaviors=behaviors, model_dir=base if Path(base).is_dir() else None,
+            *original(), prompted, run_dir, behaviors=behaviors, model_dir=base if Path(base).is_dir() else None,
             title=f"Circuit-breakers evaluation: {SAFETY_ROW}", progress=progress,
             run_info={"model": base, "defence": SAFETY_ROW, "source": f"system prompt: {safety_prompt}",
                       "state": state})
