@@ -266,6 +266,36 @@ def test_interrupted_training_names_the_last_checkpoint(files, tmp_path, capsys,
     assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".step-")]
 
 
+def test_a_lost_interrupt_still_stops_training_a_step_later(files, tmp_path, capsys, monkeypatch):
+    """A real SIGINT in step 3 whose KeyboardInterrupt is swallowed on the way (as C code that clears Python
+    errors would): training stops before step 4, naming step 3's checkpoint, instead of running on."""
+    import os
+
+    from circuit_breakers.training import RRTrainer
+
+    step = RRTrainer.step
+
+    def interrupted_and_swallowed_at_3(self, n, *args):
+        result = step(self, n, *args)
+        if n == 3:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # the handler raises here
+            except KeyboardInterrupt:
+                pass
+            else:
+                pytest.fail("the SIGINT handler did not run")
+        return result
+    monkeypatch.setattr(RRTrainer, "step", interrupted_and_swallowed_at_3)
+    out = tmp_path / "run"
+    code, err = run_cli(_format(["train", "--out", str(out), "--model", "{model}", "--no-progress", *TINY,
+                                 "steps=6", "save_every=1", *_data()], files, tmp_path), capsys)
+    assert code == 130
+    assert _message(err) == (f"circuit-breakers: interrupted (SIGINT) in training step 4; the last checkpoint is "
+                             f"{out / 'checkpoints' / 'step-3'}; continue with `circuit-breakers train --resume {out}`")
+    assert not (out / "model").exists()
+
+
 # ---------------------------------------------------------------- real signals, in a subprocess
 
 
@@ -275,7 +305,9 @@ def _start_training(tmp_path: Path, files: dict) -> tuple[subprocess.Popen, Path
     out = tmp_path / "run"
     argv = _format(["train", "--out", str(out), "--model", "{model}", "--no-progress", *TINY, "steps=100000",
                     "save_every=2", "keep_checkpoints=1", *_data()], files, tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "circuit_breakers", *argv], env=launch_env(),
+    # PYTHONFAULTHANDLER: a run that hangs is sent SIGABRT and its threads' stacks reach the failure message.
+    proc = subprocess.Popen([sys.executable, "-m", "circuit_breakers", *argv],
+                            env={**launch_env(), "PYTHONFAULTHANDLER": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list_checkpoints(out):
@@ -290,7 +322,11 @@ def _start_training(tmp_path: Path, files: dict) -> tuple[subprocess.Popen, Path
 def test_a_signal_stops_training_with_the_checkpoint_to_resume(signum, name, files, tmp_path):
     proc, out = _start_training(tmp_path, files)
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        pytest.fail(f"{name} did not stop training within 60 s; its stacks:\n{proc.communicate()[1][-6000:]}")
     assert proc.returncode == 128 + signum, err
     assert "Traceback" not in err
     line = _message(err)
@@ -308,7 +344,7 @@ def test_a_second_signal_exits_at_once_even_while_the_main_thread_is_stuck(tmp_p
     # still ran bytecode would be handled there at once (a first Ctrl-C's right behaviour, not this test's case).
     script = textwrap.dedent("""
         import signal, sys, threading, time
-        from circuit_breakers.cli import StopSignals
+        from circuit_breakers.stopping import StopSignals
         with StopSignals():
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # the watcher thread still receives it
             threading.Timer(1.0, lambda: print("ready", flush=True)).start()

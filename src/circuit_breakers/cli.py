@@ -14,12 +14,12 @@ import os
 import shlex
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from .config import ConfigError
 from .data.schema import DataError
 from .models import ModelError
+from .stopping import StopSignals
 
 # Every subcommand lives beside the code it drives: each module has `register(subparsers)` (adds its
 # parser, imports nothing heavy) and `run(args) -> int` (args.argv: the command line the args came from).
@@ -35,7 +35,6 @@ SUBCOMMAND_MODULES = {
 }
 # The server shuts down gracefully on its own signal handlers (uvicorn's): the CLI leaves them alone.
 OWN_SIGNAL_HANDLING = ("serve",)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -115,64 +114,6 @@ def _remove_if_empty(top: Path) -> None:
             os.rmdir(directory)
         except OSError:  # not empty after all (a symlink, something written meanwhile): keep it
             return
-
-
-# ---------------------------------------------------------------- Ctrl-C and SIGTERM
-
-
-class StopSignals:
-    """Ctrl-C and SIGTERM stop a command the same way: the first raises KeyboardInterrupt in the main thread
-    (`received` says which signal it was; the trainer turns it into TrainingInterrupted). A second one exits
-    at once (status 128 + signal), even while the main thread is stuck in a long C call that delays Python's
-    handlers: a watcher thread counts the signals from the wakeup pipe, which the C-level handler writes."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        # Signal handlers can only be set from the main thread (an in-process caller may be another one).
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.received: int | None = None
-
-    def __enter__(self) -> "StopSignals":
-        if not self.enabled:
-            return self
-        self._previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._write, False)  # the C handler must never block on a full pipe
-        self._previous_wakeup = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, self._handle)
-        self._watcher = threading.Thread(target=self._watch, name="circuit-breakers-signals", daemon=True)
-        self._watcher.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self.enabled:
-            return
-        signal.set_wakeup_fd(self._previous_wakeup)
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        os.close(self._write)  # the watcher reads end-of-file and returns
-        self._watcher.join()
-        os.close(self._read)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.received is not None:
-            _exit_now(signum)
-        self.received = signum
-        raise KeyboardInterrupt
-
-    def _watch(self) -> None:
-        seen = 0
-        while data := os.read(self._read, 64):
-            for signum in data:
-                if signum in STOP_SIGNALS:
-                    seen += 1
-                    if seen > 1:
-                        _exit_now(signum)
-
-
-def _exit_now(signum: int) -> None:
-    os.write(2, f"\ncircuit-breakers: {signal.Signals(signum).name} again: exiting at once\n".encode())
-    os._exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from . import stopping
 from .batching import length_sorted_batches
 
 
@@ -125,6 +126,7 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], *, prefills:
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     try:
         for chunk in tqdm(length_sorted_batches(lengths, batch_size), disable=not progress, desc=desc):
+            stopping.check()
             batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(device)
             new = greedy_batch(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,

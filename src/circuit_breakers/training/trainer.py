@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .. import losses
+from .. import losses, stopping
 from ..config import ConfigError, RRConfig
 from ..data import ChatFormatter, TokenizedExample, tokenize_examples
 from ..data.builtin import load_training_sets
@@ -337,6 +337,7 @@ class RRTrainer:
         step = start
         try:
             for step in range(start + 1, config.steps + 1):
+                stopping.check()  # a Ctrl-C whose KeyboardInterrupt was lost on the way
                 record = self._logged_step(step, next(cb_batches), next(retain_batches), out, checkpointer)
                 log.append(record)
                 bar.set_postfix({k: f"{record[k]:.3g}" for k in ("rerouting_loss", "retain_loss", "cb_cos")
