@@ -1,5 +1,5 @@
 """The benchmark scripts on tiny models: train_step.py (both variants run, their step-1 losses agree),
-recipe_robustness.py and prompt_cache.py."""
+recipe_robustness.py, prompt_cache.py and padding.py."""
 import importlib.util
 import json
 import sys
@@ -134,3 +134,14 @@ def test_prompt_cache_benchmark_on_a_tiny_model(capsys):
     assert "off (prompt_cache_gb 0.0)" in printed and "on (prompt_cache_gb 1.0)" in printed
     assert "4 behaviours x (direct, forced_call), max_new_tokens 3" in printed
     assert "outputs differing 0 of 8" in printed
+
+
+def test_padding_counts_what_a_padded_batch_computes():
+    spec = importlib.util.spec_from_file_location("bench_padding", SCRIPT.parent / "padding.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lengths = [10, 10, 10, 10, 2, 2, 2, 2]
+    grouped = bench.padding(lengths, 4, seed=0, steps=2, group_by_length=True)
+    assert grouped == {"real": 48, "computed": 48, "padding": 0.0}  # one batch of 10s, one of 2s
+    mixed = bench.padding([10, 2], 2, seed=0, steps=1, group_by_length=False)
+    assert mixed == {"real": 12, "computed": 20, "padding": 0.4}

@@ -79,3 +79,75 @@ def test_explicit_position_ids_give_the_losses_of_implicit_ones(chat_tokenizer):
     for a, b in zip(*logs):
         assert b["retain_loss"] == pytest.approx(a["retain_loss"], rel=1e-5, abs=1e-9)
         assert b["rerouting_loss"] == pytest.approx(a["rerouting_loss"], rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_batch_indices_draw_every_item_once_per_epoch(group_by_length):
+    rng = torch.Generator().manual_seed(0)
+    small = torch.randint(10, 50, (6,), generator=rng).tolist()
+    large = torch.randint(10, 50, (120,), generator=rng).tolist()
+    small_batches = batch_indices(small, 3, seed=1, group_by_length=group_by_length)
+    large_batches = batch_indices(large, 3, seed=2, group_by_length=group_by_length)
+    # Drawn side by side, as the trainer does: 80 steps cover the large set twice, the small one 40 times.
+    steps = [(next(small_batches), next(large_batches)) for _ in range(80)]
+    assert all(len(s) == 3 and len(l) == 3 for s, l in steps)
+    small_stream = [i for s, _ in steps for i in s]
+    large_stream = [i for _, l in steps for i in l]
+    for epoch in range(len(small_stream) // 6):
+        assert sorted(small_stream[epoch * 6:(epoch + 1) * 6]) == list(range(6))
+    for epoch in range(2):
+        assert sorted(large_stream[epoch * 120:(epoch + 1) * 120]) == list(range(120))
+    assert large_stream[:120] != large_stream[120:]  # a new shuffle each epoch
+
+
+def test_batch_indices_epochs_carry_over_when_batch_does_not_divide():
+    batches = batch_indices([5] * 7, 3, seed=0)
+    stream = [i for _ in range(7) for i in next(batches)]  # 21 items = 3 epochs
+    for epoch in range(3):
+        assert sorted(stream[epoch * 7:(epoch + 1) * 7]) == list(range(7))
+
+
+def test_batch_indices_deterministic_for_a_seed():
+    lengths = list(range(40, 0, -1))
+
+    def take(seed, n=30):
+        batches = batch_indices(lengths, 4, seed)
+        return [next(batches) for _ in range(n)]
+
+    assert take(42) == take(42)
+    assert take(42) != take(43)
+
+
+def test_batch_indices_group_by_length():
+    lengths = [(i * 37) % 100 for i in range(40)]  # 40 distinct lengths
+    batches = batch_indices(lengths, 5, seed=3, group_by_length=True)
+    first_epoch = [next(batches) for _ in range(8)]
+    ranges = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in first_epoch)
+    for (lo1, hi1), (lo2, hi2) in zip(ranges, ranges[1:]):
+        assert hi1 < lo2  # batches hold contiguous runs of the length order: minimal padding
+
+
+def test_a_short_batch_does_not_shift_the_length_sorted_ones():
+    """42 items in batches of 5: the epoch's 8 full batches are contiguous runs of the length order (had the short
+    one been shuffled in among them, every later batch would straddle two runs); its 2 items are completed with
+    the next epoch's 3 nearest in length."""
+    lengths = [(i * 37) % 101 for i in range(42)]  # 42 distinct lengths
+    batches = batch_indices(lengths, 5, seed=3)
+    epoch = [next(batches) for _ in range(8)]
+    ranges = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in epoch)
+    assert all(hi1 < lo2 for (_, hi1), (lo2, _) in zip(ranges, ranges[1:]))
+    short = sorted(set(range(42)) - {i for b in epoch for i in b})
+    completed = next(batches)
+    assert sorted(completed[:2]) == short
+    middle = max(lengths[i] for i in short)
+    fill = completed[2:]
+    others = set(range(42)) - set(fill)
+    assert max(abs(lengths[i] - middle) for i in fill) <= min(abs(lengths[i] - middle) for i in others)
+
+
+def test_batch_indices_draw_every_item_once_per_epoch_when_batch_does_not_divide():
+    lengths = [(i * 13) % 29 for i in range(23)]  # 23 items in batches of 4: a short batch every epoch
+    batches = batch_indices(lengths, 4, seed=5)
+    stream = [i for _ in range(23) for i in next(batches)]  # 92 items = 4 epochs
+    for epoch in range(4):
+        assert sorted(stream[epoch * 23:(epoch + 1) * 23]) == list(range(23))
