@@ -127,24 +127,6 @@ def test_batch_indices_group_by_length():
         assert hi1 < lo2  # batches hold contiguous runs of the length order: minimal padding
 
 
-def test_a_short_batch_does_not_shift_the_length_sorted_ones():
-    """42 items in batches of 5: the epoch's 8 full batches are contiguous runs of the length order (had the short
-    one been shuffled in among them, every later batch would straddle two runs); its 2 items are completed with
-    the next epoch's 3 nearest in length."""
-    lengths = [(i * 37) % 101 for i in range(42)]  # 42 distinct lengths
-    batches = batch_indices(lengths, 5, seed=3)
-    epoch = [next(batches) for _ in range(8)]
-    ranges = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in epoch)
-    assert all(hi1 < lo2 for (_, hi1), (lo2, _) in zip(ranges, ranges[1:]))
-    short = sorted(set(range(42)) - {i for b in epoch for i in b})
-    completed = next(batches)
-    assert sorted(completed[:2]) == short
-    middle = max(lengths[i] for i in short)
-    fill = completed[2:]
-    others = set(range(42)) - set(fill)
-    assert max(abs(lengths[i] - middle) for i in fill) <= min(abs(lengths[i] - middle) for i in others)
-
-
 def test_batch_indices_draw_every_item_once_per_epoch_when_batch_does_not_divide():
     lengths = [(i * 13) % 29 for i in range(23)]  # 23 items in batches of 4: a short batch every epoch
     batches = batch_indices(lengths, 4, seed=5)
