@@ -3,6 +3,7 @@ on stderr that names what was wrong, before anything heavy loads, and leaves no 
 and SIGTERM stop training with a line saying where the last checkpoint is."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -269,8 +270,6 @@ def test_interrupted_training_names_the_last_checkpoint(files, tmp_path, capsys,
 def test_a_lost_interrupt_still_stops_training_a_step_later(files, tmp_path, capsys, monkeypatch):
     """A real SIGINT in step 3 whose KeyboardInterrupt is swallowed on the way (as C code that clears Python
     errors would): training stops before step 4, naming step 3's checkpoint, instead of running on."""
-    import os
-
     from circuit_breakers.training import RRTrainer
 
     step = RRTrainer.step
