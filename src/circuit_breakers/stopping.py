@@ -2,8 +2,9 @@
 
 The first signal raises KeyboardInterrupt in the main thread, which unwinds the command (the trainer turns it
 into TrainingInterrupted, naming its last checkpoint). That exception can be lost: when the handler runs inside
-Python code that C code called and whose errors it clears (CPython's PyObject_HasAttr calling an object's
-`__getattr__` does), nothing unwinds and a training run would go on to its last step. So the signal is also
+Python code that C code called and whose errors it clears, nothing unwinds and a training run would go on to its
+last step. (torch's `__torch_function__` lookup on a non-tensor argument does this: a SIGINT landing in the
+argument's Python `__getattr__`, as nn.Module has, is swallowed; seen with torch 2.13.) So the signal is also
 recorded, and the training and generation loops call `check()` between steps: a lost interrupt stops the
 command one step later. A second signal exits at once, even while the main thread is stuck in a C call.
 """
