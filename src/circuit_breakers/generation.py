@@ -126,7 +126,6 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], *, prefills:
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     try:
         for chunk in tqdm(length_sorted_batches(lengths, batch_size), disable=not progress, desc=desc):
-            stopping.check()
             batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(device)
             new = greedy_batch(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
@@ -158,6 +157,7 @@ def greedy_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
     """The new tokens of `model.generate` on one left-padded batch, greedy. Under `reusing_prompt_caches(model)`
     (and `prompt_caches`: False for a model changed by hooks) the batch starts from the kept caches of the
     prompts its rows extend, when every row extends one, and its own prompts' caches are kept."""
+    stopping.check()  # every generation loop comes through here once a batch: a lost Ctrl-C stops it
     store = _PROMPT_CACHES.get(model) if prompt_caches else None
     past = store.past_for(input_ids, attention_mask) if store is not None else None
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,

@@ -5,8 +5,9 @@ into TrainingInterrupted, naming its last checkpoint). That exception can be los
 Python code that C code called and whose errors it clears, nothing unwinds and a training run would go on to its
 last step. (torch's `__torch_function__` lookup on a non-tensor argument does this: a SIGINT landing in the
 argument's Python `__getattr__`, as nn.Module has, is swallowed; seen with torch 2.13.) So the signal is also
-recorded, and the training and generation loops call `check()` between steps: a lost interrupt stops the
-command one step later. A second signal exits at once, even while the main thread is stuck in a C call.
+recorded, and the training loops (each step) and greedy generation (each batch) call `check()`: a lost
+interrupt stops the command one step later. A second signal exits at once, even while the main thread is stuck
+in a C call.
 """
 
 from __future__ import annotations

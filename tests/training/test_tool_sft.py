@@ -157,6 +157,23 @@ def test_bad_settings_and_a_prompt_over_max_length_are_refused():
         teach_tool_calls(model, tokenizer, examples(2), steps=1, max_length=16)
 
 
+def test_teaching_stops_at_the_next_step_once_a_signal_came():
+    """A Ctrl-C whose KeyboardInterrupt was lost on the way (stopping.py) stops the teaching before its next step."""
+    import signal
+
+    from circuit_breakers.stopping import StopSignals
+
+    tokenizer = smollm2_like_tokenizer()
+    model = make_tiny_model("llama", vocab_size=len(tokenizer), layers=2)
+    log = []
+    with StopSignals() as signals:
+        signals.received = signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            teach_tool_calls(model, tokenizer, examples(4), steps=3, lr=1e-2, lora_r=4, batch_size=2,
+                             max_length=1024, on_step=log.append)
+    assert log == []
+
+
 # ---------------------------------------------------------------- the command and the saved subject
 
 

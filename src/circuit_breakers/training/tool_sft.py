@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .. import stopping
 from ..atomic import atomic_directory
 from ..data import ChatFormatter, Example, TokenizedExample, collate, tokenize_examples
 from ..losses import response_cross_entropy
@@ -234,6 +235,7 @@ def teach_tool_calls(model: nn.Module, tokenizer, examples: Sequence[Example], *
     batches = _length_grouped_batches(items, batch_size, random.Random(seed))
     start = time.perf_counter()
     for step in range(1, steps + 1):
+        stopping.check()  # a Ctrl-C whose KeyboardInterrupt was lost on the way
         batch = collate([items[i] for i in next(batches)], pad)
         batch = {k: v.to(device) for k, v in batch.items()}
         loss = response_loss(peft_model, batch)
